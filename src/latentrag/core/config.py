@@ -1,0 +1,198 @@
+"""Pipeline and training configs: TOML in, validated pydantic models out.
+
+The top level is checked by `PipelineConfig`; each component section (``[retriever]``,
+``[posterior]``, ``[reranker]``, ``[generator]``, ``[estimator]``) names a registered
+component and is then checked by that component's own config model. Every problem is
+collected and reported as ``file: section.key: message``, one line each.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError, LatentragError
+from .registry import ComponentSpec, Registry, default_registry
+
+#: config section -> component kind
+ROLES: dict[str, str] = {
+    "retriever": "retriever",
+    "posterior": "retriever",
+    "reranker": "reranker",
+    "generator": "generator",
+    "estimator": "estimator",
+}
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentSection(BaseModel):
+    """A component section before its own model checks it: a name plus its options."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class TrainConfig(StrictModel):
+    steps: int = Field(100, ge=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    lrs: dict[str, float] = Field(
+        default_factory=dict, description="per-component learning rates, e.g. {prior = 1e-5}"
+    )
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    eval_every: int = Field(0, ge=0)
+    checkpoint_every: int = Field(0, ge=0)
+    refresh_index_every: int = Field(0, ge=0)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+
+
+class DataConfig(StrictModel):
+    """Where the corpus and examples come from: "squad-slice" (shipped) or JSONL paths."""
+
+    source: Literal["squad-slice", "jsonl"] = "squad-slice"
+    corpus: str | None = None
+    train: str | None = None
+    dev: str | None = None
+    test: str | None = None
+    max_train: int | None = Field(None, ge=1)
+    max_eval: int | None = Field(None, ge=1)
+
+
+class EvalConfig(StrictModel):
+    recall_at: list[int] = Field(default_factory=lambda: [1, 5, 20])
+    max_new_tokens: int = Field(16, ge=1)
+    passages: int = Field(1, ge=1, description="passages shown to the generator when answering")
+
+
+class PipelineConfig(StrictModel):
+    retriever: ComponentSection
+    posterior: ComponentSection | None = None
+    reranker: ComponentSection | None = None
+    generator: ComponentSection | None = None
+    estimator: ComponentSection | None = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+@dataclass
+class ResolvedConfig:
+    """A validated config: top-level settings and each component's spec and config."""
+
+    pipeline: PipelineConfig
+    components: dict[str, tuple[ComponentSpec, BaseModel]]
+    source: str = "<config>"
+
+    def component(self, role: str) -> tuple[ComponentSpec, BaseModel] | None:
+        return self.components.get(role)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The full config with every default filled in (what `config show` prints)."""
+        data = self.pipeline.model_dump(exclude_none=True)
+        for role, (spec, cfg) in self.components.items():
+            data[role] = {"name": spec.name, **cfg.model_dump(exclude_none=True)}
+        return data
+
+
+def _format_loc(prefix: str, loc: tuple) -> str:
+    parts = [prefix] if prefix else []
+    parts += [str(p) for p in loc]
+    return ".".join(parts)
+
+
+def _errors(source: str, prefix: str, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        key = _format_loc(prefix, err["loc"])
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{source}: {key}: {message}")
+    return lines
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`estimator.samples=4` -> (["estimator", "samples"], 4); values are TOML, else strings."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. estimator.samples=4")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return [part.strip() for part in key.split(".")], value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
+def resolve(
+    data: dict[str, Any], source: str = "<config>", registry: Registry | None = None
+) -> ResolvedConfig:
+    """Validate a config dict completely; raise one ConfigError listing every problem."""
+    try:
+        pipeline = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_errors(source, "", exc))) from None
+    registry = registry or default_registry()
+    components: dict[str, tuple[ComponentSpec, BaseModel]] = {}
+    problems: list[str] = []
+    for role, kind in ROLES.items():
+        section = getattr(pipeline, role)
+        if section is None:
+            continue
+        try:
+            spec = registry.get(kind, section.name)
+        except LatentragError as exc:
+            problems.append(f"{source}: {role}.name: {exc}")
+            continue
+        options = dict(section.model_extra or {})
+        try:
+            components[role] = (spec, spec.config_model.model_validate(options))
+        except ValidationError as exc:
+            problems.extend(_errors(source, role, exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return ResolvedConfig(pipeline, components, source)
+
+
+def load_config(
+    path: str | Path, overrides: list[str] = (), registry: Registry | None = None
+) -> ResolvedConfig:
+    """Read, override and validate a TOML config file."""
+    data = apply_overrides(read_toml(path), list(overrides))
+    return resolve(data, str(path), registry)

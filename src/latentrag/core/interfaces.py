@@ -1,0 +1,187 @@
+"""The contracts every component implements.
+
+The core knows these four abstract kinds and nothing concrete. Trainable components are
+also `torch.nn.Module`s (a concrete class inherits from both); the trainer collects their
+parameters through `trainable_modules()`.
+
+Shapes: B questions in a batch, K candidate passages per question, T answer tokens.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from .types import Batch, Candidates, Corpus
+
+Reduce = Literal["sum", "mean"]
+
+
+class Component(ABC):
+    """What every component shares: its validated config and optional persistence."""
+
+    config: object = None
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Named modules whose parameters the trainer may update; empty when frozen."""
+        return {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors to checkpoint (by default those of the trainable modules)."""
+        state: dict[str, Tensor] = {}
+        for prefix, module in self.trainable_modules().items():
+            for key, value in module.state_dict().items():
+                state[f"{prefix}.{key}"] = value
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for prefix, module in self.trainable_modules().items():
+            own = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+            module.load_state_dict(own)
+
+
+class Retriever(Component):
+    """Finds candidate passages for a query; when trainable, scores them differentiably.
+
+    Used as the prior p(h|x) it is given questions; used as the posterior q(h|x,y) it is
+    given question and answer joined into one query string (see `Pipeline`).
+    """
+
+    @abstractmethod
+    def index(self, corpus: Corpus) -> None:
+        """Prepare to search `corpus` (build or load an index)."""
+
+    @abstractmethod
+    def retrieve(self, queries: Sequence[str], k: int) -> Candidates:
+        """The k best passages per query, best first: indices [B,k], scores [B,k]."""
+
+    def score(self, queries: Sequence[str], passage_rows: Tensor) -> Tensor:
+        """Scores [B,K] of the given corpus rows [B,K], differentiable when trainable."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score arbitrary passages")
+
+    def refresh(self) -> None:
+        """Re-encode the corpus after the encoders changed (dense retrievers); default no-op."""
+
+    def save(self, directory: Path) -> None:
+        """Persist the index (not the trainable weights, which go to checkpoints)."""
+
+    def load(self, directory: Path) -> None:
+        """Load an index written by `save`; refuse one built for another corpus or model."""
+
+
+class Reranker(Component):
+    """Rescores a retriever's candidates; scores are differentiable."""
+
+    @abstractmethod
+    def score(self, queries: Sequence[str], passages: Sequence[Sequence[str]]) -> Tensor:
+        """Scores [B,K] for passages[b][k] given queries[b]."""
+
+
+class Generator(Component):
+    """A conditional language model p(y | x, h)."""
+
+    @abstractmethod
+    def loglik(
+        self,
+        queries: Sequence[str],
+        passages: Sequence[Sequence[str]],
+        targets: Sequence[str],
+        reduce: Reduce = "sum",
+    ) -> Tensor:
+        """Teacher-forced log p(y_b | x_b, h_bk) of the target tokens only: [B,K].
+
+        reduce="sum" is the sequence log-probability; "mean" divides by the target length.
+        """
+
+    @abstractmethod
+    def token_logprobs(
+        self,
+        queries: Sequence[str],
+        passages: Sequence[Sequence[str]],
+        targets: Sequence[str],
+    ) -> tuple[Tensor, Tensor]:
+        """Per-token log-probs [B,K,T] of the targets and their mask [B,T] (for RAG-Token)."""
+
+    def loglik_joint(
+        self,
+        queries: Sequence[str],
+        passages: Sequence[Sequence[str]],
+        targets: Sequence[str],
+        doc_log_mask: Tensor,
+    ) -> Tensor:
+        """log p(y_b | x_b, all K passages) [B], reading the passages at once with
+        doc_log_mask [B,K] added to the attention towards passage k's tokens (G-Rerank)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read passages jointly")
+
+    @abstractmethod
+    def generate(
+        self, queries: Sequence[str], passages: Sequence[Sequence[str]], max_new_tokens: int = 16
+    ) -> list[str]:
+        """Greedy answers, one per query, conditioned on its passages."""
+
+
+@dataclass
+class EstimatorOutput:
+    """A loss whose gradient is the estimator's gradient, and named scalar diagnostics."""
+
+    loss: Tensor
+    diagnostics: dict[str, float] = field(default_factory=dict)
+    generator_forwards: int = 0
+    generator_backwards: int = 0
+
+
+class LatentModel(Protocol):
+    """What an estimator may ask of the pipeline it drives (implemented by `Pipeline`).
+
+    Log-probabilities are normalised over the candidate set (softmax of score/temperature);
+    padded candidate slots hold -inf.
+    """
+
+    def candidates(self, batch: Batch, source: str, k: int) -> Candidates:
+        """Candidate passages for the batch: "prior", "posterior" or "union" (deduplicated)."""
+
+    def prior_logprobs(self, batch: Batch, candidates: Candidates) -> Tensor:
+        """log p(h|x) over the candidates [B,K], differentiable."""
+
+    def posterior_logprobs(self, batch: Batch, candidates: Candidates) -> Tensor:
+        """log q(h|x,y) over the candidates [B,K], differentiable."""
+
+    def loglik(
+        self, batch: Batch, candidates: Candidates, reduce: Reduce = "sum", grad: bool = True
+    ) -> Tensor:
+        """log p(y|x,h) [B,K] for every valid candidate (0 at padding)."""
+
+    def token_logprobs(self, batch: Batch, candidates: Candidates) -> tuple[Tensor, Tensor]:
+        """Per-token log p(y_t|x,h,y_<t) [B,K,T] and target mask [B,T]."""
+
+    def rows_loglik(
+        self, batch: Batch, rows: Tensor, reduce: Reduce = "sum", grad: bool = True
+    ) -> Tensor:
+        """log p(y|x,h) [B,N] for explicit corpus rows [B,N] (N may differ from K)."""
+
+
+class Estimator(Component):
+    """Turns a batch into a loss whose gradient is this estimator's gradient.
+
+    It never knows which retriever or generator it drives: it talks to a `LatentModel`.
+    """
+
+    #: which components this estimator trains (the trainer freezes the others)
+    trains: tuple[str, ...] = ("prior", "generator")
+
+    @abstractmethod
+    def loss(self, batch: Batch, model: LatentModel) -> EstimatorOutput:
+        """The surrogate loss for `batch` and its diagnostics."""
+
+    def extra_state(self) -> dict:
+        """Estimator state to checkpoint (e.g. JSA's persistent chain cache)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass

@@ -1,0 +1,195 @@
+"""Assembles components from a config and serves them to estimators.
+
+`Pipeline` implements the `LatentModel` protocol: candidate sets, prior and posterior
+log-probabilities over them, and generator log-likelihoods. Estimators only see this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .interfaces import Estimator, Generator, Reduce, Reranker, Retriever
+from .types import Batch, Candidates, Corpus
+
+if TYPE_CHECKING:
+    from .config import ResolvedConfig
+
+SOURCES = ("prior", "posterior", "union", "corpus")
+
+
+def merge_candidates(first: Candidates, second: Candidates) -> Candidates:
+    """Per-row union of two candidate sets, first's order then second's new rows; padded."""
+    rows: list[list[int]] = []
+    for a, b in zip(first.indices.tolist(), second.indices.tolist()):
+        seen: dict[int, None] = dict.fromkeys(a)
+        seen.update(dict.fromkeys(b))
+        rows.append(list(seen))
+    return pad_rows(rows)
+
+
+def pad_rows(rows: Sequence[Sequence[int]]) -> Candidates:
+    """Candidates from ragged lists of corpus rows; padding slots repeat row 0, masked out."""
+    width = max(len(r) for r in rows)
+    indices = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        indices[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[b, : len(row)] = True
+    all_valid = bool(mask.all())
+    return Candidates(indices, torch.zeros(indices.shape), None if all_valid else mask)
+
+
+def masked_log_softmax(scores: Tensor, mask: Tensor | None, temperature: float) -> Tensor:
+    logits = scores / temperature
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+class Pipeline:
+    """The assembled components plus the corpus they work over."""
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        retriever: Retriever,
+        generator: Generator | None = None,
+        posterior: Retriever | None = None,
+        reranker: Reranker | None = None,
+        estimator: Estimator | None = None,
+    ) -> None:
+        self.corpus = corpus
+        self.prior = retriever
+        self.generator = generator
+        self.posterior = posterior
+        self.reranker = reranker
+        self.estimator = estimator
+        self._texts = corpus.texts()
+        self.generator_forwards = 0
+
+    @classmethod
+    def from_config(cls, config: ResolvedConfig, corpus: Corpus) -> Pipeline:
+        """Build every configured component and index the corpus."""
+        built = {role: spec.build(cfg) for role, (spec, cfg) in config.components.items()}
+        pipeline = cls(corpus, **built)
+        pipeline.index()
+        return pipeline
+
+    # -- components ------------------------------------------------------------------
+
+    def roles(self) -> dict[str, object]:
+        roles = {
+            "prior": self.prior,
+            "posterior": self.posterior,
+            "reranker": self.reranker,
+            "generator": self.generator,
+            "estimator": self.estimator,
+        }
+        return {k: v for k, v in roles.items() if v is not None}
+
+    def index(self) -> None:
+        self.prior.index(self.corpus)
+        if self.posterior is not None and self.posterior is not self.prior:
+            self.posterior.index(self.corpus)
+
+    def posterior_queries(self, batch: Batch) -> list[str]:
+        """What q(h|x,y) reads: the question and the answer together."""
+        return [f"{e.question} {e.target}" for e in batch.examples]
+
+    def passages(self, rows: Tensor) -> list[list[str]]:
+        return [[self._texts[i] for i in row] for row in rows.tolist()]
+
+    def _require_posterior(self) -> Retriever:
+        if self.posterior is None:
+            raise ValueError("this estimator needs a [posterior] retriever in the config")
+        return self.posterior
+
+    # -- LatentModel -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def candidates(self, batch: Batch, source: str, k: int) -> Candidates:
+        if source == "prior":
+            return self.prior.retrieve(batch.questions, k)
+        if source == "posterior":
+            return self._require_posterior().retrieve(self.posterior_queries(batch), k)
+        if source == "union":
+            prior = self.prior.retrieve(batch.questions, k)
+            posterior = self._require_posterior().retrieve(self.posterior_queries(batch), k)
+            return merge_candidates(prior, posterior)
+        if source == "corpus":
+            rows = torch.arange(len(self.corpus)).expand(len(batch), -1)
+            return Candidates(rows.clone(), torch.zeros(rows.shape))
+        raise ValueError(f"unknown candidate source {source!r}; choose from {SOURCES}")
+
+    def prior_logprobs(
+        self, batch: Batch, candidates: Candidates, temperature: float = 1.0
+    ) -> Tensor:
+        scores = self.prior.score(batch.questions, candidates.indices)
+        return masked_log_softmax(scores, candidates.mask, temperature)
+
+    def posterior_logprobs(
+        self, batch: Batch, candidates: Candidates, temperature: float = 1.0
+    ) -> Tensor:
+        queries = self.posterior_queries(batch)
+        scores = self._require_posterior().score(queries, candidates.indices)
+        return masked_log_softmax(scores, candidates.mask, temperature)
+
+    def loglik(
+        self, batch: Batch, candidates: Candidates, reduce: Reduce = "sum", grad: bool = True
+    ) -> Tensor:
+        return self.rows_loglik(batch, candidates.indices, reduce, grad, candidates.mask)
+
+    def rows_loglik(
+        self,
+        batch: Batch,
+        rows: Tensor,
+        reduce: Reduce = "sum",
+        grad: bool = True,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """log p(y|x,h) [B,N] for corpus rows [B,N]; each distinct (example, row) pair is
+        scored once; masked slots get 0."""
+        assert self.generator is not None, "no [generator] configured"
+        valid = mask if mask is not None else torch.ones_like(rows, dtype=torch.bool)
+        pairs = sorted({(b, r) for (b, r), ok in _cells(rows, valid) if ok})
+        slot = {pair: i for i, pair in enumerate(pairs)}
+        queries = [batch.examples[b].question for b, _ in pairs]
+        targets = [batch.examples[b].target for b, _ in pairs]
+        passages = [[self._texts[r]] for _, r in pairs]
+        self.generator_forwards += len(pairs)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            flat = self.generator.loglik(queries, passages, targets, reduce=reduce)[:, 0]
+        gather = torch.tensor(
+            [slot.get((b, r), 0) for (b, r), _ in _cells(rows, valid)], dtype=torch.long
+        ).view(rows.shape)
+        out = flat[gather]
+        return out.masked_fill(~valid, 0.0)
+
+    def token_logprobs(self, batch: Batch, candidates: Candidates) -> tuple[Tensor, Tensor]:
+        assert self.generator is not None, "no [generator] configured"
+        passages = self.passages(candidates.indices)
+        self.generator_forwards += candidates.indices.numel()
+        return self.generator.token_logprobs(batch.questions, passages, batch.targets)
+
+    # -- inference -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def retrieve(self, questions: Sequence[str], k: int) -> Candidates:
+        return self.prior.retrieve(list(questions), k)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch, passages: int = 1, max_new_tokens: int = 16) -> list[str]:
+        """Answer each question from the prior's top passages."""
+        assert self.generator is not None, "no [generator] configured"
+        top = self.prior.retrieve(batch.questions, passages)
+        return self.generator.generate(batch.questions, self.passages(top.indices), max_new_tokens)
+
+
+def _cells(rows: Tensor, valid: Tensor):
+    for b, (row, ok) in enumerate(zip(rows.tolist(), valid.tolist())):
+        for r, v in zip(row, ok):
+            yield (b, r), v
