@@ -9,11 +9,11 @@ collected and reported as ``file: section.key: message``, one line each.
 from __future__ import annotations
 
 import copy
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError, LatentragError
@@ -60,9 +60,11 @@ class TrainConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    """Where the corpus and examples come from: "squad-slice" (shipped) or JSONL paths."""
+    """Where the corpus and examples come from: the shipped "squad-slice", JSONL files
+    (`corpus` plus any of `train`/`dev`/`test`), or the dozen-passage "toy" set of
+    `latentrag.testing` (for gradcheck and smoke tests)."""
 
-    source: Literal["squad-slice", "jsonl"] = "squad-slice"
+    source: Literal["squad-slice", "jsonl", "toy"] = "squad-slice"
     corpus: str | None = None
     train: str | None = None
     dev: str | None = None
@@ -117,7 +119,14 @@ def _errors(source: str, prefix: str, exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
         key = _format_loc(prefix, err["loc"])
-        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = err["msg"]
+            if isinstance(err.get("input"), (str, int, float, bool)):
+                message += f" (got {err['input']!r})"
         lines.append(f"{source}: {key}: {message}")
     return lines
 
@@ -164,28 +173,27 @@ def resolve(
     data: dict[str, Any], source: str = "<config>", registry: Registry | None = None
 ) -> ResolvedConfig:
     """Validate a config dict completely; raise one ConfigError listing every problem."""
+    problems: list[str] = []
+    pipeline = None
     try:
         pipeline = PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("\n".join(_errors(source, "", exc))) from None
+        problems.extend(_errors(source, "", exc))
     registry = registry or default_registry()
     components: dict[str, tuple[ComponentSpec, BaseModel]] = {}
-    problems: list[str] = []
     for role, kind in ROLES.items():
-        section = getattr(pipeline, role)
-        if section is None:
-            continue
+        section = data.get(role)
+        if not isinstance(section, dict) or not isinstance(section.get("name"), str):
+            continue  # reported by the top-level check
+        options = {k: v for k, v in section.items() if k != "name"}
         try:
-            spec = registry.get(kind, section.name)
+            spec = registry.get(kind, section["name"])
+            components[role] = (spec, spec.config_model.model_validate(options))
         except LatentragError as exc:
             problems.append(f"{source}: {role}.name: {exc}")
-            continue
-        options = dict(section.model_extra or {})
-        try:
-            components[role] = (spec, spec.config_model.model_validate(options))
         except ValidationError as exc:
             problems.extend(_errors(source, role, exc))
-    if problems:
+    if problems or pipeline is None:
         raise ConfigError("\n".join(problems))
     return ResolvedConfig(pipeline, components, source)
 

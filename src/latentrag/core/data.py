@@ -49,6 +49,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from latentrag.core.errors import LatentragError
 from latentrag.core.types import Corpus, Example, Passage
 
 __all__ = [
@@ -75,7 +76,7 @@ _JSON_TYPES = {
 }
 
 
-class DataError(ValueError):
+class DataError(LatentragError, ValueError):
     """A data file is malformed; ``str()`` is one line ``"{path}:{line}: {message}"``.
 
     ``line`` is 1-based, or None when unknown (then the string is ``"{path}: {message}"``).

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 Reduce = Literal["sum", "mean"]
 
 
-class Component(ABC):
+class Component:
     """What every component shares: its validated config and optional persistence."""
 
     config: object = None
@@ -46,7 +46,7 @@ class Component(ABC):
             module.load_state_dict(own)
 
 
-class Retriever(Component):
+class Retriever(Component, ABC):
     """Finds candidate passages for a query; when trainable, scores them differentiably.
 
     Used as the prior p(h|x) it is given questions; used as the posterior q(h|x,y) it is
@@ -75,7 +75,7 @@ class Retriever(Component):
         """Load an index written by `save`; refuse one built for another corpus or model."""
 
 
-class Reranker(Component):
+class Reranker(Component, ABC):
     """Rescores a retriever's candidates; scores are differentiable."""
 
     @abstractmethod
@@ -83,7 +83,7 @@ class Reranker(Component):
         """Scores [B,K] for passages[b][k] given queries[b]."""
 
 
-class Generator(Component):
+class Generator(Component, ABC):
     """A conditional language model p(y | x, h)."""
 
     @abstractmethod
@@ -166,7 +166,7 @@ class LatentModel(Protocol):
         """log p(y|x,h) [B,N] for explicit corpus rows [B,N] (N may differ from K)."""
 
 
-class Estimator(Component):
+class Estimator(Component, ABC):
     """Turns a batch into a loss whose gradient is this estimator's gradient.
 
     It never knows which retriever or generator it drives: it talks to a `LatentModel`.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
-import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from importlib import resources
 from typing import Any
 
 import pluggy
+import tomllib
 from pydantic import BaseModel
 
 from . import hookspecs
@@ -240,9 +240,11 @@ class Registry:
         return message
 
 
-def catalogue() -> list[ComponentSpec]:
-    """Components for `latentrag components`: builtins from registry.toml (no import),
-    third-party plugins from their entry points (imported)."""
+def catalogue() -> tuple[list[ComponentSpec], list[PluginInfo]]:
+    """Components for `latentrag components` and the plugins that failed to load.
+
+    Builtins come from registry.toml (nothing imported); third-party plugins are loaded
+    from their entry points."""
     specs = [
         ComponentSpec(c["kind"], c["name"], entry["name"], c.get("description", ""))
         for entry in builtin_manifest()
@@ -250,7 +252,8 @@ def catalogue() -> list[ComponentSpec]:
     ]
     third_party = Registry().load(builtins=False)
     specs.extend(third_party.components())
-    return sorted(specs, key=lambda s: (KINDS.index(s.kind), s.name))
+    broken = [p for p in third_party.plugins() if p.error]
+    return sorted(specs, key=lambda s: (KINDS.index(s.kind), s.name)), broken
 
 
 _default: Registry | None = None

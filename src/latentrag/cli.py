@@ -1,0 +1,222 @@
+"""The `latentrag` command line.
+
+Heavy modules (torch, transformers, faiss) are imported inside the commands that need
+them, so `latentrag --help`, `components` and `config validate` start fast.
+Errors a user can fix print one line per problem and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from latentrag import __version__
+from latentrag.core.errors import LatentragError
+
+EXIT_USAGE = 2
+
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config value, e.g. --set estimator.samples=4 (repeatable).",
+)
+
+
+class LatentragGroup(click.Group):
+    """A click group that turns user errors into one line per problem and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LatentragError as exc:
+            for line in str(exc).splitlines():
+                click.echo(f"error: {line}", err=True)
+            sys.exit(EXIT_USAGE)
+        except FileNotFoundError as exc:
+            click.echo(f"error: {exc.filename}: no such file", err=True)
+            sys.exit(EXIT_USAGE)
+
+
+@click.group(cls=LatentragGroup)
+@click.version_option(__version__, prog_name="latentrag")
+def main() -> None:
+    """latentrag: retrieval-augmented generation with the passage as a latent variable."""
+
+
+def _load(config_file: str, overrides: tuple[str, ...]):
+    from latentrag.core.config import load_config
+
+    return load_config(config_file, list(overrides))
+
+
+# -- components and plugins -----------------------------------------------------------
+
+
+@main.command()
+def components() -> None:
+    """List every available component: kind, name, plugin, description."""
+    from latentrag.core.registry import catalogue
+    from latentrag.core.tables import format_table
+
+    specs, broken = catalogue()
+    rows = [
+        {"kind": s.kind, "name": s.name, "plugin": s.plugin, "description": s.description}
+        for s in specs
+    ]
+    click.echo(format_table(rows, markdown=False))
+    for info in broken:
+        click.echo(f"warning: plugin {info.name!r} failed to load: {info.error}", err=True)
+
+
+@main.command()
+def plugins() -> None:
+    """List loaded plugins with their version, components, and load errors."""
+    from latentrag.core.registry import default_registry
+    from latentrag.core.tables import format_table
+
+    rows = []
+    for info in default_registry().plugins():
+        names = ", ".join(f"{kind}:{name}" for kind, name in info.components)
+        status = f"FAILED: {info.error}" if info.error else names
+        rows.append(
+            {"plugin": info.name, "source": info.source, "version": info.version, "": status}
+        )
+    click.echo(format_table(rows, markdown=False))
+
+
+# -- configs --------------------------------------------------------------------------
+
+
+@main.group()
+def config() -> None:
+    """Check and show pipeline configs."""
+
+
+@config.command("validate")
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@set_option
+def config_validate(config_file: str, overrides: tuple[str, ...]) -> None:
+    """Validate CONFIG_FILE without building anything; report every problem."""
+    resolved = _load(config_file, overrides)
+    roles = ", ".join(f"{role}={spec.name}" for role, (spec, _) in resolved.components.items())
+    click.echo(f"{config_file}: ok ({roles})")
+
+
+@config.command("show")
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@set_option
+def config_show(config_file: str, overrides: tuple[str, ...]) -> None:
+    """Print the resolved config with every default filled in, as TOML."""
+    from latentrag.core.tomlout import dumps
+
+    click.echo(dumps(_load(config_file, overrides).to_dict()), nl=False)
+
+
+
+# -- building, evaluating, training -----------------------------------------------------
+
+
+def _setup(config_file: str, overrides: tuple[str, ...]):
+    """Resolve the config, read its data and build the pipeline (indexing the corpus)."""
+    from latentrag.core.dataset import load_dataset
+    from latentrag.core.pipeline import Pipeline
+
+    resolved = _load(config_file, overrides)
+    dataset = load_dataset(resolved.pipeline.data, base=Path(config_file).parent)
+    return resolved, dataset, Pipeline.from_config(resolved, dataset.corpus)
+
+
+@main.group()
+def index() -> None:
+    """Build retrieval indexes."""
+
+
+@index.command("build")
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@set_option
+def index_build(config_file: str, overrides: tuple[str, ...]) -> None:
+    """Index the config's corpus with its retriever (and posterior); saved where
+    the retriever's `index_dir` says."""
+    resolved, dataset, _ = _setup(config_file, overrides)
+    for role in ("retriever", "posterior"):
+        entry = resolved.component(role)
+        if entry is not None:
+            where = getattr(entry[1], "index_dir", None) or "(memory only: set index_dir)"
+            click.echo(f"{role} {entry[0].name}: {len(dataset.corpus)} passages -> {where}")
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--split", default="dev", show_default=True, help="Which questions to use.")
+@click.option("--qa", is_flag=True, help="Also generate answers and report EM/F1.")
+@click.option("--limit", type=int, default=None, help="Use only the first N questions.")
+@set_option
+def evaluate(
+    config_file: str, split: str, qa: bool, limit: int | None, overrides: tuple[str, ...]
+) -> None:
+    """Recall@k and MRR@10 of the retriever against gold passages (EM/F1 with --qa)."""
+    from latentrag.core.evaluation import evaluate_qa, evaluate_retrieval
+    from latentrag.core.tables import format_table
+
+    resolved, dataset, pipeline = _setup(config_file, overrides)
+    examples = dataset.split(split, limit)
+    eval_cfg = resolved.pipeline.eval
+    metrics = evaluate_retrieval(pipeline.prior, dataset.corpus, examples, ks=eval_cfg.recall_at)
+    if qa:
+        metrics.update(
+            evaluate_qa(pipeline, examples, eval_cfg.passages, eval_cfg.max_new_tokens)
+        )
+    row = {"retriever": resolved.component("retriever")[0].name, "split": split}
+    row.update({"questions": len(examples), **metrics})
+    click.echo(format_table([row]))
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--resume", is_flag=True, help="Continue from the last good checkpoint in OUT.")
+@set_option
+def train(config_file: str, out_dir: str, resume: bool, overrides: tuple[str, ...]) -> None:
+    """Train the pipeline end to end with its estimator; results go to OUT."""
+    from latentrag.core.runs import train_run
+
+    metrics = train_run(_load(config_file, overrides), Path(config_file), Path(out_dir), resume)
+    from latentrag.core.tables import format_table
+
+    click.echo(format_table([metrics]))
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option(
+    "--estimators",
+    default="topk,topk-token,vrag,jsa",
+    show_default=True,
+    help="Comma-separated estimator names to compare.",
+)
+@click.option("--seeds", type=int, default=16, show_default=True)
+@click.option("--examples", type=int, default=4, show_default=True)
+@set_option
+def gradcheck(
+    config_file: str, estimators: str, seeds: int, examples: int, overrides: tuple[str, ...]
+) -> None:
+    """Compare each estimator's gradient with the exact one on a tractable corpus."""
+    from latentrag.core.gradcheck import format_table, run_gradcheck
+
+    resolved, dataset, _ = _setup(config_file, overrides)
+    rows = run_gradcheck(
+        resolved,
+        [name.strip() for name in estimators.split(",") if name.strip()],
+        seeds=seeds,
+        corpus=dataset.corpus,
+        examples=dataset.split("train", examples),
+    )
+    click.echo(format_table(rows))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
