@@ -1,0 +1,105 @@
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from latentrag.core.metrics import (
+    bleu,
+    exact_match,
+    f1,
+    mrr_at_k,
+    normalize_answer,
+    recall_at_k,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "normalised"),
+    [
+        ("The Denver Broncos!", "denver broncos"),
+        ("an apple, a pear", "apple pear"),
+        ("  Theory   of\tthe  atom ", "theory of atom"),  # "the" only as a whole word
+        ("U.S.A.", "usa"),
+        ("the", ""),
+    ],
+)
+def test_normalize_answer_follows_squad(text, normalised):
+    assert normalize_answer(text) == normalised
+
+
+def test_exact_match_ignores_case_articles_and_punctuation():
+    assert exact_match("the Denver Broncos.", ["Denver Broncos"]) == 1.0
+    assert exact_match("Broncos", ["Denver Broncos"]) == 0.0
+    assert exact_match("Carolina", ["Denver", "carolina panthers", "Carolina!"]) == 1.0
+    assert exact_match("Paris", "paris") == 1.0
+
+
+def test_f1_token_overlap_hand_computed():
+    # prediction 3 tokens, gold 2 tokens, 2 in common: P=2/3, R=1, F1=0.8
+    assert f1("the Denver Broncos team", ["Denver Broncos"]) == pytest.approx(0.8)
+    # repeated tokens: common = min(2,1) + min(1,2) = 2 of 3 each way
+    assert f1("x x y", ["x y y"]) == pytest.approx(2 / 3)
+    assert f1("cats", ["dogs"]) == 0.0
+
+
+def test_f1_is_max_over_references():
+    assert f1("Denver", ["Denver Broncos", "Denver"]) == 1.0
+    assert f1("Denver", ["Denver Broncos", "Carolina"]) == pytest.approx(2 / 3)
+
+
+def test_f1_empty_after_normalisation():
+    assert f1("The", ["the"]) == 1.0
+    assert f1("the", ["Paris"]) == 0.0
+
+
+def test_metrics_need_a_reference():
+    with pytest.raises(ValueError, match="reference"):
+        f1("x", [])
+
+
+def test_bleu_identical_is_one():
+    assert bleu("the cat sat on the mat", ["the cat sat on the mat"]) == pytest.approx(1.0)
+
+
+def test_bleu_hand_computed_with_add_one_smoothing():
+    # unigrams 5/5; bigrams 3/4 -> 4/5; trigrams 2/3 -> 3/4; 4-grams 1/2 -> 2/3;
+    # brevity penalty exp(1 - 6/5)
+    expected = math.exp(-0.2) * (1.0 * 0.8 * 0.75 * (2 / 3)) ** 0.25
+    assert bleu("the cat sat on mat", ["the cat sat on the mat"]) == pytest.approx(expected)
+
+
+def test_bleu_clips_counts_and_uses_closest_reference_length():
+    # "the the the" vs "the cat": unigram matches clipped to 1 of 3
+    # bigrams 0/2 -> 1/3; closest reference length 2 < 3: no brevity penalty
+    expected = ((1 / 3) * (1 / 3)) ** 0.5
+    assert bleu("the the the", ["the cat"], max_n=2) == pytest.approx(expected)
+    # two references: the closest length (3) gives no penalty
+    assert bleu("a b c", ["a b c d e f", "a b c"]) == pytest.approx(1.0)
+
+
+def test_bleu_no_shared_word_is_zero():
+    assert bleu("hello there", ["goodbye now"]) == 0.0
+    assert bleu("", ["goodbye now"]) == 0.0
+
+
+def test_recall_and_mrr_at_k():
+    ranked = ["a", "b", "c", "d"]
+    assert recall_at_k(ranked, ["c"], 2) == 0.0
+    assert recall_at_k(ranked, ["c"], 3) == 1.0
+    assert recall_at_k(ranked, ["z", "b"], 2) == 1.0
+    assert mrr_at_k(ranked, ["c", "d"], 10) == pytest.approx(1 / 3)
+    assert mrr_at_k(ranked, ["d"], 3) == 0.0
+    assert mrr_at_k(ranked, ["a"], 1) == 1.0
+
+
+words = st.lists(st.sampled_from(["paris", "the", "capital", "France", "a", "x!"]), max_size=6)
+
+
+@given(words, words)
+def test_f1_bounds_and_consistency_with_exact_match(prediction, answer):
+    prediction, answer = " ".join(prediction), " ".join(answer)
+    score = f1(prediction, [answer])
+    assert 0.0 <= score <= 1.0
+    if exact_match(prediction, [answer]):
+        assert score == 1.0
