@@ -218,5 +218,64 @@ def gradcheck(
     click.echo(format_table(rows))
 
 
+
+# -- ablations ----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option(
+    "--grid",
+    multiple=True,
+    metavar="KEY=V1,V2",
+    help="A config key and the values to sweep, e.g. estimator.name=topk,vrag,jsa (repeatable).",
+)
+@click.option("--seeds", type=int, default=1, show_default=True, help="Seeds per grid cell.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--shard", default=None, metavar="I/N", help="Run only shard I of N (0-based).")
+@set_option
+def sweep(
+    config_file: str,
+    grid: tuple[str, ...],
+    seeds: int,
+    out_dir: str,
+    shard: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Run a grid of training runs (finished cells are skipped), then print the report."""
+    from latentrag.core.report import write_report
+    from latentrag.core.sweep import parse_shard, run_sweep
+
+    results = run_sweep(
+        Path(config_file),
+        list(grid),
+        seeds,
+        Path(out_dir),
+        overrides=list(overrides),
+        shard=parse_shard(shard) if shard else None,
+    )
+    failed = [r for r in results if r.status == "failed"]
+    report = write_report(Path(out_dir))
+    click.echo(report.markdown)
+    click.echo(f"results: {report.csv_path}")
+    for plot in report.plots:
+        click.echo(f"plot: {plot}")
+    for r in failed:
+        click.echo(f"failed: {r.name}: {r.error}", err=True)
+
+
+@main.command()
+@click.argument("sweep_dir", type=click.Path(file_okay=False, exists=True))
+def report(sweep_dir: str) -> None:
+    """Collect a sweep folder (shards merged) into results.csv, a table and plots."""
+    from latentrag.core.report import write_report
+
+    result = write_report(Path(sweep_dir))
+    click.echo(result.markdown)
+    click.echo(f"results: {result.csv_path}")
+    for plot in result.plots:
+        click.echo(f"plot: {plot}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
