@@ -1,0 +1,210 @@
+"""Joint stochastic approximation (JSA, arXiv 2508.18168): MIS E-step, supervised M-step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from latentrag import hookimpl
+from latentrag.core.interfaces import EstimatorOutput, LatentModel
+from latentrag.core.pipeline import pad_rows
+from latentrag.core.types import Batch, Candidates
+
+from .common import (
+    CandidateSource,
+    EstimatorConfig,
+    SeededEstimator,
+    entropy,
+    generator_forwards,
+    valid_mask,
+    weighted_sum,
+)
+
+#: chain state index meaning "the state the chain started in" (not one of the proposals)
+INITIAL = -1
+
+
+class JsaConfig(EstimatorConfig):
+    candidates: CandidateSource = "union"
+    samples: int = Field(4, ge=1, description="proposals h' ~ q per example and step")
+    chain: Literal["persistent", "fresh"] = Field(
+        "persistent", description="persistent: classical JSA; fresh: the released code"
+    )
+    seed: int = 0
+
+
+@dataclass
+class ChainRun:
+    """The result of `metropolis_independence` for a batch of chains.
+
+    states [B,n]: after proposal i the chain is at proposal states[b,i], or INITIAL;
+    accepted [B,n]: whether proposal i passed its Metropolis test;
+    tested [B,n]: whether proposal i had a test (a chain without an initial state takes its
+    first proposal unconditionally).
+    """
+
+    states: Tensor
+    accepted: Tensor
+    tested: Tensor
+
+
+def metropolis_independence(
+    log_w: Tensor, log_w_initial: Tensor, has_initial: Tensor, uniforms: Tensor
+) -> ChainRun:
+    """Run B Metropolis independence chains through their n proposals, in order.
+
+    log_w [B,n]: log importance weights log p(h|x) + log p(y|x,h) - log q(h|x,y) of the
+    proposals; log_w_initial [B] / has_initial [B]: the starting state's weight, where there
+    is one; uniforms [B,n] in [0,1). Proposal i is accepted when u_i < w(h_i) / w(current).
+    """
+    batch, n = log_w.shape
+    states = torch.full((batch, n), INITIAL, dtype=torch.long)
+    accepted = torch.zeros(batch, n, dtype=torch.bool)
+    tested = torch.ones(batch, n, dtype=torch.bool)
+    tested[:, 0] = has_initial
+    current = log_w_initial.clone()
+    state = torch.full((batch,), INITIAL, dtype=torch.long)
+    for i in range(n):
+        ratio = log_w[:, i] - torch.where(tested[:, i], current, 0.0)
+        accept = ~tested[:, i] | (torch.log(uniforms[:, i]) < ratio)
+        current = torch.where(accept, log_w[:, i], current)
+        state = torch.where(accept, i, state)
+        states[:, i] = state
+        accepted[:, i] = accept & tested[:, i]
+    return ChainRun(states, accepted, tested)
+
+
+class JsaEstimator(SeededEstimator):
+    """JSA: Metropolis independence sampling from p(h|x,y) with proposal q(h|x,y), then
+    supervised updates on the chain's states.
+
+    p(h|x) and q(h|x,y) are softmax(score/temperature) normalised over the candidate set
+    (temperature 0.1 by default, as the JSA-RAG released code). E-step: n proposals
+    h' ~ q, weights w = p(h|x) p(y|x,h) / q(h|x,y) from one batched no-grad generator pass
+    over the distinct proposals, accept with min(1, w(h')/w(h)). M-step: loss =
+    mean_b Σ_h c_h [-log p(y|x,h) - log p(h|x) - log q(h|x,y)], c_h = visits of h among the
+    n states / n; only distinct states get a generator backward. Biased: the chain targets
+    the posterior over the candidate set, not the corpus, and a finite chain is not yet
+    at stationarity (the persistent chain, carried across visits, removes most of that).
+    """
+
+    trains = ("prior", "posterior", "generator")
+
+    def __init__(self, config: JsaConfig) -> None:
+        super().__init__(config.seed)
+        self.config = config
+        #: example id -> passage id of the chain's state at the example's last visit
+        self.cache: dict[str, str] = {}
+
+    @property
+    def persistent(self) -> bool:
+        return self.config.chain == "persistent"
+
+    def loss(self, batch: Batch, model: LatentModel) -> EstimatorOutput:
+        cfg = self.config
+        start = generator_forwards(model)
+        cand = model.candidates(batch, cfg.candidates, cfg.k)
+        cand, initial_slots = self._with_cached_states(batch, model, cand)
+        log_prior = model.prior_logprobs(batch, cand, cfg.temperature)
+        log_q = model.posterior_logprobs(batch, cand, cfg.temperature)
+        valid = valid_mask(log_q, cand.mask)
+
+        # E-step: proposals from q, weighted by one no-grad pass over the distinct ones
+        proposals = torch.multinomial(
+            log_q.detach().exp(), cfg.samples, replacement=True, generator=self.rng
+        )
+        has_initial = initial_slots >= 0
+        # the chain's initial state joins the scored slots (a repeat proposal when none)
+        initial_or_repeat = torch.where(has_initial, initial_slots, proposals[:, 0])
+        scored = torch.cat([proposals, initial_or_repeat.unsqueeze(1)], dim=1)
+        with torch.no_grad():
+            loglik = model.rows_loglik(batch, cand.indices.gather(1, scored), cfg.loglik, False)
+            log_w = log_prior.gather(1, scored) + loglik - log_q.gather(1, scored)
+        uniforms = torch.rand(proposals.shape, generator=self.rng)
+        run = metropolis_independence(log_w[:, :-1], log_w[:, -1], has_initial, uniforms)
+        state_slots = torch.where(
+            run.states == INITIAL,
+            initial_slots.unsqueeze(1),
+            proposals.gather(1, run.states.clamp(min=0)),
+        )
+        e_forwards = generator_forwards(model) - start
+        self._remember(batch, model, cand, state_slots[:, -1])
+
+        # M-step: visit-weighted supervised losses; the generator sees distinct states only
+        visits = torch.zeros_like(log_q).scatter_add(
+            1, state_slots, torch.full(state_slots.shape, 1.0 / cfg.samples)
+        )
+        state_loglik = model.rows_loglik(batch, cand.indices.gather(1, state_slots), cfg.loglik)
+        generator_term = -state_loglik.mean(-1)
+        retriever_term = -weighted_sum(visits, log_prior + log_q)
+        m_forwards = generator_forwards(model) - start - e_forwards
+        return EstimatorOutput(
+            loss=(generator_term + retriever_term).mean(),
+            diagnostics=self._diagnostics(run, state_slots, log_q, valid),
+            generator_forwards=e_forwards + m_forwards,
+            generator_backwards=m_forwards if torch.is_grad_enabled() else 0,
+        )
+
+    def _with_cached_states(
+        self, batch: Batch, model: LatentModel, cand: Candidates
+    ) -> tuple[Candidates, Tensor]:
+        """The candidates, each example's set extended by its cached state when missing,
+        and the slot of that state per example (-1: no chain to continue)."""
+        slots = torch.full((len(batch),), -1, dtype=torch.long)
+        if not self.persistent:
+            return cand, slots
+        corpus = model.corpus
+        rows = [
+            [r for r, ok in zip(row, ok_row) if ok]
+            for row, ok_row in zip(cand.indices.tolist(), cand.valid().tolist())
+        ]
+        extended = False
+        for b, example in enumerate(batch.examples):
+            passage_id = self.cache.get(example.id)
+            if passage_id is None or passage_id not in corpus:
+                continue  # first visit, or the passage left the corpus: start afresh
+            row = corpus.index_of(passage_id)
+            if row not in rows[b]:
+                rows[b].append(row)
+                extended = True
+            slots[b] = rows[b].index(row)
+        return (pad_rows(rows) if extended else cand), slots
+
+    def _remember(self, batch: Batch, model: LatentModel, cand: Candidates, slots: Tensor) -> None:
+        final_rows = cand.indices.gather(1, slots.unsqueeze(1)).squeeze(1).tolist()
+        for example, row in zip(batch.examples, final_rows):
+            self.cache[example.id] = model.corpus[row].id
+
+    def _diagnostics(
+        self, run: ChainRun, state_slots: Tensor, log_q: Tensor, valid: Tensor
+    ) -> dict[str, float]:
+        tests = int(run.tested.sum())
+        distinct = [len(set(row)) for row in state_slots.tolist()]
+        return {
+            "acceptance_rate": float(run.accepted.sum()) / tests if tests else float("nan"),
+            "distinct_states": sum(distinct) / len(distinct),
+            "q_entropy": float(entropy(log_q.detach(), valid).mean()),
+        }
+
+    def extra_state(self) -> dict:
+        return {"cache": dict(self.cache), "rng": self.rng_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.cache = dict(state.get("cache", {}))
+        if "rng" in state:
+            self.load_rng_state(state["rng"])
+
+
+@hookimpl
+def register_components(register):
+    register(
+        "estimator",
+        "jsa",
+        JsaEstimator,
+        JsaConfig,
+        "Joint stochastic approximation: Metropolis independence sampler + M-step",
+    )
