@@ -165,6 +165,13 @@ class LatentModel(Protocol):
     ) -> Tensor:
         """log p(y|x,h) [B,N] for explicit corpus rows [B,N] (N may differ from K)."""
 
+    def rerank_scores(self, batch: Batch, candidates: Candidates) -> Tensor:
+        """The reranker's scores [B,K] of the candidates, differentiable."""
+
+    def joint_loglik(self, batch: Batch, candidates: Candidates, doc_log_mask: Tensor) -> Tensor:
+        """log p(y|x, all K candidates) [B] with doc_log_mask [B,K] added to the attention
+        towards each candidate's tokens (G-Rerank)."""
+
 
 class Estimator(Component, ABC):
     """Turns a batch into a loss whose gradient is this estimator's gradient.

@@ -175,6 +175,19 @@ class Pipeline:
         self.generator_forwards += candidates.indices.numel()
         return self.generator.token_logprobs(batch.questions, passages, batch.targets)
 
+    def rerank_scores(self, batch: Batch, candidates: Candidates) -> Tensor:
+        if self.reranker is None:
+            raise ValueError("this estimator needs a [reranker] in the config")
+        return self.reranker.score(batch.questions, self.passages(candidates.indices))
+
+    def joint_loglik(self, batch: Batch, candidates: Candidates, doc_log_mask: Tensor) -> Tensor:
+        assert self.generator is not None, "no [generator] configured"
+        passages = self.passages(candidates.indices)
+        self.generator_forwards += len(batch)
+        return self.generator.loglik_joint(
+            batch.questions, passages, batch.targets, doc_log_mask
+        )
+
     # -- inference -------------------------------------------------------------------
 
     @torch.no_grad()
