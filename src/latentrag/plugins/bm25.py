@@ -1,0 +1,407 @@
+"""BM25 retriever: rank-bm25's BM25Okapi formula over a precomputed sparse weight matrix.
+
+At index time every (term, passage) pair gets its final BM25 weight
+``idf(t) * tf*(k1+1) / (tf + k1*(1 - b + b*dl/avgdl))`` in a CSR matrix ``W [V, N]``, so a
+batch of queries is scored by one sparse product ``Q [B, V] @ W`` (``Q`` counts each query
+term, so a repeated term counts twice, as in rank-bm25). ``idf(t) = log(N - n + 0.5) -
+log(n + 0.5)``; a negative idf is replaced by ``epsilon * mean idf`` (rank-bm25's floor).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from pydantic import Field, field_validator
+from tqdm.auto import tqdm
+
+from latentrag import hookimpl
+from latentrag.core.config import StrictModel
+from latentrag.core.errors import LatentragError
+from latentrag.core.interfaces import Retriever
+from latentrag.core.types import Candidates, Corpus
+
+from .tokenize import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.npz"
+VOCAB = "vocab.json"
+PROGRESS_ABOVE = 10_000  # passages: show a progress bar while indexing larger corpora
+SCORE_BUDGET = 1 << 24  # dense scores held at once while searching (floats)
+REBUILD_HINT = "rebuild with `latentrag index build`"
+
+
+class BM25Config(StrictModel):
+    """Options of the `bm25` retriever (defaults are rank-bm25's BM25Okapi)."""
+
+    k1: float = Field(1.5, ge=0)
+    b: float = Field(0.75, ge=0, le=1)
+    epsilon: float = 0.25
+    lowercase: bool = True
+    pattern: str = r"\w+"
+    stem: bool = False
+    stopwords: bool = False
+    index_dir: str | None = Field(None, description="load the index from here, or build and save")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer(self.lowercase, self.pattern, self.stem, self.stopwords)
+
+    def index_settings(self) -> dict[str, object]:
+        """Everything the stored weights depend on besides the corpus."""
+        return {
+            "k1": self.k1,
+            "b": self.b,
+            "epsilon": self.epsilon,
+            "tokenizer": self.tokenizer().signature(),
+        }
+
+
+class StaleIndexError(LatentragError):
+    """A saved index was built for another corpus or with other settings."""
+
+
+# -- building the weight matrix ------------------------------------------------------------
+
+
+def okapi_idf(doc_freq: np.ndarray, n_docs: int, epsilon: float) -> np.ndarray:
+    """rank-bm25's idf per term; terms absent from the corpus (df=0) get 0."""
+    present = doc_freq > 0
+    idf = np.zeros(len(doc_freq), dtype=np.float64)
+    df = doc_freq[present].astype(np.float64)
+    idf[present] = np.log(n_docs - df + 0.5) - np.log(df + 0.5)
+    if present.any():
+        floor = epsilon * idf[present].mean()
+        idf[present & (idf < 0)] = floor
+    return idf
+
+
+def bm25_weights(
+    token_ids: np.ndarray,
+    doc_lengths: np.ndarray,
+    vocab_size: int,
+    k1: float = 1.5,
+    b: float = 0.75,
+    epsilon: float = 0.25,
+) -> sp.csr_matrix:
+    """The [V, N] float32 matrix of BM25 weights from the corpus's concatenated term ids."""
+    n_docs = len(doc_lengths)
+    if n_docs == 0:
+        raise LatentragError("bm25: cannot index an empty corpus")
+    doc_of_token = np.repeat(np.arange(n_docs, dtype=np.int32), doc_lengths)
+    ones = np.ones(len(token_ids), dtype=np.float32)
+    # coo -> csr sums the duplicate (term, doc) pairs: data becomes the term frequency
+    tf = sp.coo_matrix((ones, (token_ids, doc_of_token)), shape=(vocab_size, n_docs)).tocsr()
+    tf.sum_duplicates()
+    idf = okapi_idf(np.diff(tf.indptr), n_docs, epsilon)
+    avgdl = doc_lengths.sum() / n_docs
+    term_of_entry = np.repeat(np.arange(vocab_size), np.diff(tf.indptr))
+    freq = tf.data.astype(np.float64)
+    norm = k1 * (1 - b + b * doc_lengths[tf.indices] / avgdl) if avgdl > 0 else k1 * (1 - b)
+    tf.data = (idf[term_of_entry] * freq * (k1 + 1) / (freq + norm)).astype(np.float32)
+    return tf
+
+
+def term_ids(
+    docs: Sequence[Sequence[str]], vocab: dict[str, int], grow: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated term ids and per-doc lengths; unknown terms are added (grow) or dropped."""
+    if grow:
+        ids = [vocab.setdefault(t, len(vocab)) for doc in docs for t in doc]
+        lengths = [len(doc) for doc in docs]
+    else:
+        known = [[vocab[t] for t in doc if t in vocab] for doc in docs]
+        ids = [i for doc in known for i in doc]
+        lengths = [len(doc) for doc in known]
+    return np.array(ids, dtype=np.int32), np.array(lengths, dtype=np.int64)
+
+
+# -- searching -----------------------------------------------------------------------------
+
+
+def query_matrix(token_ids: np.ndarray, lengths: np.ndarray, vocab_size: int) -> sp.csr_matrix:
+    """[B, V] query-term counts (a repeated term has count 2)."""
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    data = np.ones(len(token_ids), dtype=np.float32)
+    queries = sp.csr_matrix((data, token_ids, indptr), shape=(len(lengths), vocab_size))
+    queries.sum_duplicates()
+    return queries
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best columns by score desc then column asc: (indices, scores)."""
+    n = scores.shape[1]
+    if k < n:
+        picked = np.argpartition(scores, n - k, axis=1)[:, n - k :]
+    else:
+        picked = np.tile(np.arange(n), (scores.shape[0], 1))
+    values = np.take_along_axis(scores, picked, axis=1)
+    _prefer_low_columns_on_ties(scores, picked, values)
+    order = np.lexsort((picked, -values), axis=1)
+    return np.take_along_axis(picked, order, axis=1), np.take_along_axis(values, order, axis=1)
+
+
+def _prefer_low_columns_on_ties(scores: np.ndarray, picked: np.ndarray, values: np.ndarray):
+    """argpartition keeps arbitrary members of a tie at the k-th score; keep the lowest."""
+    k = picked.shape[1]
+    boundary = values.min(axis=1)
+    crowded = np.flatnonzero((scores >= boundary[:, None]).sum(axis=1) > k)
+    for row in crowded:
+        above = np.flatnonzero(scores[row] > boundary[row])
+        tied = np.flatnonzero(scores[row] == boundary[row])[: k - len(above)]
+        picked[row] = np.concatenate([above, tied])
+        values[row] = scores[row, picked[row]]
+
+
+def search(weights: sp.csr_matrix, queries: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k passages for each query row: (indices int64 [B,k], scores float32 [B,k])."""
+    n_queries, n_docs = queries.shape[0], weights.shape[1]
+    chunk = max(1, SCORE_BUDGET // n_docs)
+    indices = np.empty((n_queries, k), dtype=np.int64)
+    scores = np.empty((n_queries, k), dtype=np.float32)
+    for start in range(0, n_queries, chunk):
+        stop = min(start + chunk, n_queries)
+        dense = (queries[start:stop] @ weights).toarray()
+        indices[start:stop], scores[start:stop] = top_k(dense, k)
+    return indices, scores
+
+
+# -- the component -------------------------------------------------------------------------
+
+
+@dataclass
+class BM25Index:
+    """The weight matrix [V, N] and the term -> row vocabulary."""
+
+    weights: sp.csr_matrix
+    vocab: dict[str, int]
+
+    @property
+    def n_docs(self) -> int:
+        return self.weights.shape[1]
+
+
+class BM25Retriever(Retriever):
+    """Sparse lexical retriever (not trainable)."""
+
+    def __init__(self, config: BM25Config | None = None) -> None:
+        self.config = config or BM25Config()
+        self.tokenizer = self.config.tokenizer()
+        self._index: BM25Index | None = None
+        self._fingerprint: str | None = None
+        self._by_doc: sp.csr_matrix | None = None  # [N, V], built on first score()
+
+    # -- indexing ---------------------------------------------------------------------------
+
+    def index(self, corpus: Corpus) -> None:
+        """Load the index from `index_dir` when it matches the corpus, else build (and save)."""
+        self._fingerprint = corpus.fingerprint()
+        directory = self.config.index_dir
+        if directory and (Path(directory) / MANIFEST).exists():
+            try:
+                self.load(Path(directory))
+                return
+            except StaleIndexError as exc:
+                log.warning("%s; rebuilding it", exc)
+        self.build(corpus)
+        if directory:
+            self.save(Path(directory))
+
+    def build(self, corpus: Corpus) -> None:
+        """Tokenize and weight the whole corpus."""
+        texts = corpus.texts()
+        progress = tqdm(
+            texts, desc="bm25 index", unit="passage", disable=len(texts) <= PROGRESS_ABOVE
+        )
+        docs = [self.tokenizer(text) for text in progress]
+        vocab: dict[str, int] = {}
+        ids, lengths = term_ids(docs, vocab, grow=True)
+        cfg = self.config
+        weights = bm25_weights(ids, lengths, len(vocab), cfg.k1, cfg.b, cfg.epsilon)
+        self._set_index(BM25Index(weights, vocab), corpus.fingerprint())
+
+    def _set_index(self, index: BM25Index, fingerprint: str) -> None:
+        self._index = index
+        self._fingerprint = fingerprint
+        self._by_doc = None
+
+    @property
+    def built(self) -> BM25Index:
+        if self._index is None:
+            raise LatentragError("bm25: no index yet; call index(corpus) or load(directory) first")
+        return self._index
+
+    # -- searching --------------------------------------------------------------------------
+
+    def query_matrix(self, queries: Sequence[str]) -> sp.csr_matrix:
+        """[B, V] counts of each query's known terms."""
+        index = self.built
+        ids, lengths = term_ids(self.tokenizer.batch(queries), index.vocab, grow=False)
+        return query_matrix(ids, lengths, len(index.vocab))
+
+    def retrieve(self, queries: Sequence[str], k: int) -> Candidates:
+        n_docs = self.built.n_docs
+        if not 1 <= k <= n_docs:
+            raise LatentragError(f"bm25: k={k} must be between 1 and the corpus size ({n_docs})")
+        indices, scores = search(self.built.weights, self.query_matrix(queries), k)
+        return Candidates(torch.from_numpy(indices), torch.from_numpy(scores))
+
+    def score(self, queries: Sequence[str], passage_rows: torch.Tensor) -> torch.Tensor:
+        """BM25 scores [B, K] of the given rows (plain values: BM25 has no parameters)."""
+        rows = passage_rows.detach().cpu().numpy().astype(np.int64)
+        n_docs = self.built.n_docs
+        if rows.ndim != 2 or rows.shape[0] != len(queries):
+            raise LatentragError(
+                f"bm25: passage_rows must be [B={len(queries)}, K], got {list(rows.shape)}"
+            )
+        if rows.size and (rows.min() < 0 or rows.max() >= n_docs):
+            raise LatentragError(
+                f"bm25: passage rows must lie in [0, {n_docs}), got {rows.min()}..{rows.max()}"
+            )
+        if self._by_doc is None:
+            self._by_doc = self.built.weights.T.tocsr()
+        queries_per_pair = self.query_matrix(queries)[
+            np.repeat(np.arange(len(queries)), rows.shape[1])
+        ]
+        pairs = queries_per_pair.multiply(self._by_doc[rows.ravel()])
+        values = np.asarray(pairs.sum(axis=1), dtype=np.float32).reshape(rows.shape)
+        return torch.from_numpy(values)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        """Write weights, vocabulary and manifest; each file replaces its old version
+        atomically, and the manifest (what `load` trusts) goes last."""
+        index = self.built
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MANIFEST).unlink(missing_ok=True)
+        with _atomic_file(directory / WEIGHTS) as handle:
+            sp.save_npz(handle, index.weights, compressed=False)
+        terms = sorted(index.vocab, key=index.vocab.__getitem__)
+        with _atomic_file(directory / VOCAB) as handle:
+            handle.write(json.dumps(terms, ensure_ascii=False).encode("utf-8"))
+        with _atomic_file(directory / MANIFEST) as handle:
+            handle.write(json.dumps(self._manifest(), indent=2).encode("utf-8"))
+
+    def _manifest(self) -> dict[str, object]:
+        return {
+            "format": "latentrag-bm25",
+            "format_version": FORMAT_VERSION,
+            "corpus_fingerprint": self._fingerprint,
+            "n_docs": self.built.n_docs,
+            "n_terms": len(self.built.vocab),
+            "config": self.config.index_settings(),
+        }
+
+    def load(self, directory: Path, corpus: Corpus | None = None) -> None:
+        """Load a saved index; refuse one built for another corpus or with other settings.
+
+        The corpus to check against is `corpus`, else the one last given to `index`.
+        """
+        directory = Path(directory)
+        manifest = _read_json(directory / MANIFEST)
+        expected = corpus.fingerprint() if corpus is not None else self._fingerprint
+        self._check_manifest(directory, manifest, expected)
+        weights = sp.load_npz(directory / WEIGHTS).tocsr()
+        terms = _read_json(directory / VOCAB)
+        if weights.shape != (len(terms), manifest["n_docs"]):
+            raise StaleIndexError(f"bm25 index {directory} is inconsistent; {REBUILD_HINT}")
+        vocab = {term: row for row, term in enumerate(terms)}
+        self._set_index(
+            BM25Index(weights.astype(np.float32), vocab), manifest["corpus_fingerprint"]
+        )
+
+    def _check_manifest(self, directory: Path, manifest: dict, fingerprint: str | None) -> None:
+        where = f"stale index {directory}"
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise StaleIndexError(
+                f"{where}: format version {manifest.get('format_version')}, this code reads "
+                f"{FORMAT_VERSION}; {REBUILD_HINT}"
+            )
+        built_for = manifest.get("corpus_fingerprint")
+        if fingerprint is not None and built_for != fingerprint:
+            raise StaleIndexError(
+                f"{where}: built for corpus {str(built_for)[:12]}, this corpus is "
+                f"{fingerprint[:12]}; {REBUILD_HINT}"
+            )
+        stored, wanted = (
+            _flatten(manifest.get("config", {})),
+            _flatten(self.config.index_settings()),
+        )
+        for key in sorted(set(stored) | set(wanted)):
+            if stored.get(key) != wanted.get(key):
+                raise StaleIndexError(
+                    f"{where}: built with {key}={stored.get(key)!r}, this config has "
+                    f"{key}={wanted.get(key)!r}; {REBUILD_HINT}"
+                )
+
+
+class _atomic_file:
+    """Write to a temporary file in the target's directory, then os.replace it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self):
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        self.handle = os.fdopen(fd, "wb")
+        return self.handle
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.handle.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            os.unlink(self.tmp)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise LatentragError(f"{path}: no such file (not a bm25 index directory?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StaleIndexError(f"{path}: unreadable ({exc}); {REBUILD_HINT}") from None
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@hookimpl
+def register_components(register) -> None:
+    register(
+        "retriever",
+        "bm25",
+        BM25Retriever,
+        BM25Config,
+        "BM25Okapi over a sparse term-weight index (rank-bm25 formula)",
+    )
