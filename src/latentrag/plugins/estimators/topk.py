@@ -41,7 +41,7 @@ class TopKEstimator(Estimator):
         forwards = generator_forwards(model) - start
         return EstimatorOutput(
             loss=-log_marginal.mean(),
-            diagnostics={"log_marginal": float(log_marginal.mean())},
+            diagnostics={"log_marginal": float(log_marginal.detach().mean())},
             generator_forwards=forwards,
             generator_backwards=forwards if torch.is_grad_enabled() else 0,
         )
@@ -68,7 +68,7 @@ class TopKTokenEstimator(TopKEstimator):
         forwards = generator_forwards(model) - start
         return EstimatorOutput(
             loss=-per_example.mean(),
-            diagnostics={"log_marginal": float(per_example.mean())},
+            diagnostics={"log_marginal": float(per_example.detach().mean())},
             generator_forwards=forwards,
             generator_backwards=forwards if torch.is_grad_enabled() else 0,
         )

@@ -70,8 +70,8 @@ class VragEstimator(SeededEstimator):
             loss=-(surrogate - cfg.beta * kl).mean(),
             diagnostics={
                 "elbo": float(elbo.mean()),
-                "kl": float(kl.mean()),
-                "entropy": float(entropy(log_q, valid).mean()),
+                "kl": float(kl.detach().mean()),
+                "entropy": float(entropy(log_q.detach(), valid).mean()),
             },
             generator_forwards=forwards,
             generator_backwards=forwards if torch.is_grad_enabled() else 0,
