@@ -39,7 +39,8 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.npz"
 VOCAB = "vocab.json"
 PROGRESS_ABOVE = 10_000  # passages: show a progress bar while indexing larger corpora
-SCORE_BUDGET = 1 << 24  # dense scores held at once while searching (floats)
+SCORE_BUDGET = 1 << 20  # dense scores held at once while searching (floats, cache-sized)
+DENSE_ROW_SHARE = 1 / 16  # terms in more passages than this share get dense rows
 REBUILD_HINT = "rebuild with `latentrag index build`"
 
 
@@ -139,34 +140,30 @@ def term_ids(
 # -- searching -----------------------------------------------------------------------------
 
 
-def query_matrix(token_ids: np.ndarray, lengths: np.ndarray, vocab_size: int) -> sp.csr_matrix:
-    """[B, V] query-term counts (a repeated term has count 2)."""
-    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=indptr[1:])
+def query_matrix(token_ids: np.ndarray, rows: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """[B, V] term counts from the query row of each token (rows sorted; repeats count)."""
+    indptr = np.zeros(shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
     data = np.ones(len(token_ids), dtype=np.float32)
-    queries = sp.csr_matrix((data, token_ids, indptr), shape=(len(lengths), vocab_size))
+    queries = sp.csr_matrix((data, token_ids, indptr), shape=shape)
     queries.sum_duplicates()
     return queries
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the k best columns by score desc then column asc: (indices, scores)."""
-    n = scores.shape[1]
-    if k < n:
-        picked = np.argpartition(scores, n - k, axis=1)[:, n - k :]
-    else:
-        picked = np.tile(np.arange(n), (scores.shape[0], 1))
-    values = np.take_along_axis(scores, picked, axis=1)
+    values, picked = torch.topk(torch.from_numpy(scores), k, dim=1)
+    values, picked = values.numpy(), picked.numpy()
     _prefer_low_columns_on_ties(scores, picked, values)
     order = np.lexsort((picked, -values), axis=1)
     return np.take_along_axis(picked, order, axis=1), np.take_along_axis(values, order, axis=1)
 
 
 def _prefer_low_columns_on_ties(scores: np.ndarray, picked: np.ndarray, values: np.ndarray):
-    """argpartition keeps arbitrary members of a tie at the k-th score; keep the lowest."""
+    """topk keeps arbitrary members of a tie at the k-th score; keep the lowest columns."""
     k = picked.shape[1]
     boundary = values.min(axis=1)
-    crowded = np.flatnonzero((scores >= boundary[:, None]).sum(axis=1) > k)
+    crowded = np.flatnonzero(np.count_nonzero(scores >= boundary[:, None], axis=1) > k)
     for row in crowded:
         above = np.flatnonzero(scores[row] > boundary[row])
         tied = np.flatnonzero(scores[row] == boundary[row])[: k - len(above)]
@@ -174,32 +171,64 @@ def _prefer_low_columns_on_ties(scores: np.ndarray, picked: np.ndarray, values: 
         values[row] = scores[row, picked[row]]
 
 
-def search(weights: sp.csr_matrix, queries: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k passages for each query row: (indices int64 [B,k], scores float32 [B,k])."""
-    n_queries, n_docs = queries.shape[0], weights.shape[1]
-    chunk = max(1, SCORE_BUDGET // n_docs)
-    indices = np.empty((n_queries, k), dtype=np.int64)
-    scores = np.empty((n_queries, k), dtype=np.float32)
-    for start in range(0, n_queries, chunk):
-        stop = min(start + chunk, n_queries)
-        dense = (queries[start:stop] @ weights).toarray()
-        indices[start:stop], scores[start:stop] = top_k(dense, k)
-    return indices, scores
-
-
-# -- the component -------------------------------------------------------------------------
-
-
 @dataclass
 class BM25Index:
-    """The weight matrix [V, N] and the term -> row vocabulary."""
+    """The weight matrix [V, N], the term -> row vocabulary, and dense copies of the
+    rows of frequent terms.
+
+    Scattering a posting list into the score buffer costs about 16 times more per entry
+    than adding a dense row, so terms found in more than 1/16 of the passages are scored
+    from dense rows (which take at most as much memory as the sparse matrix).
+    """
 
     weights: sp.csr_matrix
     vocab: dict[str, int]
 
+    def __post_init__(self) -> None:
+        doc_freq = np.diff(self.weights.indptr)
+        by_freq = np.argsort(-doc_freq, kind="stable")
+        frequent = by_freq[doc_freq[by_freq] > self.n_docs * DENSE_ROW_SHARE]
+        sparse_bytes = self.weights.data.nbytes + self.weights.indices.nbytes
+        frequent = np.sort(frequent[: sparse_bytes // (4 * self.n_docs)])
+        self.dense_slot = np.full(self.weights.shape[0], -1, dtype=np.int64)
+        self.dense_slot[frequent] = np.arange(len(frequent))
+        self.dense_rows = self.weights[frequent].toarray()
+
     @property
     def n_docs(self) -> int:
         return self.weights.shape[1]
+
+    def search(
+        self, token_ids: np.ndarray, lengths: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k passages of each query: (indices int64 [B,k], scores float32 [B,k])."""
+        n_queries = len(lengths)
+        rows = np.repeat(np.arange(n_queries), lengths)
+        slots = self.dense_slot[token_ids]
+        frequent = slots >= 0
+        dense_q = query_matrix(slots[frequent], rows[frequent], (n_queries, len(self.dense_rows)))
+        sparse_q = query_matrix(token_ids[~frequent], rows[~frequent], (n_queries, len(self.vocab)))
+        chunk = max(1, SCORE_BUDGET // self.n_docs)
+        indices = np.empty((n_queries, k), dtype=np.int64)
+        scores = np.empty((n_queries, k), dtype=np.float32)
+        for start in range(0, n_queries, chunk):
+            part = slice(start, min(start + chunk, n_queries))
+            dense = self._scores(dense_q[part], sparse_q[part])
+            indices[part], scores[part] = top_k(dense, k)
+        return indices, scores
+
+    def _scores(self, dense_q: sp.csr_matrix, sparse_q: sp.csr_matrix) -> np.ndarray:
+        """Dense [b, N] scores: frequent terms from dense rows, the others sparse."""
+        if len(self.dense_rows):
+            out = np.asarray(dense_q @ self.dense_rows, dtype=np.float32)
+        else:
+            out = np.zeros((dense_q.shape[0], self.n_docs), dtype=np.float32)
+        rare = sparse_q @ self.weights  # csr: unique (row, column) pairs, so += is safe
+        out[np.repeat(np.arange(rare.shape[0]), np.diff(rare.indptr)), rare.indices] += rare.data
+        return out
+
+
+# -- the component -------------------------------------------------------------------------
 
 
 class BM25Retriever(Retriever):
@@ -254,17 +283,15 @@ class BM25Retriever(Retriever):
 
     # -- searching --------------------------------------------------------------------------
 
-    def query_matrix(self, queries: Sequence[str]) -> sp.csr_matrix:
-        """[B, V] counts of each query's known terms."""
-        index = self.built
-        ids, lengths = term_ids(self.tokenizer.batch(queries), index.vocab, grow=False)
-        return query_matrix(ids, lengths, len(index.vocab))
+    def query_terms(self, queries: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Concatenated known-term ids of the queries and their per-query counts."""
+        return term_ids(self.tokenizer.batch(queries), self.built.vocab, grow=False)
 
     def retrieve(self, queries: Sequence[str], k: int) -> Candidates:
         n_docs = self.built.n_docs
         if not 1 <= k <= n_docs:
             raise LatentragError(f"bm25: k={k} must be between 1 and the corpus size ({n_docs})")
-        indices, scores = search(self.built.weights, self.query_matrix(queries), k)
+        indices, scores = self.built.search(*self.query_terms(queries), k)
         return Candidates(torch.from_numpy(indices), torch.from_numpy(scores))
 
     def score(self, queries: Sequence[str], passage_rows: torch.Tensor) -> torch.Tensor:
@@ -281,9 +308,10 @@ class BM25Retriever(Retriever):
             )
         if self._by_doc is None:
             self._by_doc = self.built.weights.T.tocsr()
-        queries_per_pair = self.query_matrix(queries)[
-            np.repeat(np.arange(len(queries)), rows.shape[1])
-        ]
+        ids, lengths = self.query_terms(queries)
+        shape = (len(queries), len(self.built.vocab))
+        counts = query_matrix(ids, np.repeat(np.arange(len(queries)), lengths), shape)
+        queries_per_pair = counts[np.repeat(np.arange(len(queries)), rows.shape[1])]
         pairs = queries_per_pair.multiply(self._by_doc[rows.ravel()])
         values = np.asarray(pairs.sum(axis=1), dtype=np.float32).reshape(rows.shape)
         return torch.from_numpy(values)
