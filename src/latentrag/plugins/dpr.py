@@ -1,0 +1,250 @@
+"""DPR-style dense retriever: a query encoder and a passage encoder over a faiss index.
+
+Both encoders start from the same weights (the packaged all-MiniLM-L6-v2 by default) and
+are separate modules unless `shared_encoders`. The corpus is encoded once into a faiss
+inner-product index, saved with a manifest when `index_dir` is set and reused while the
+corpus and passage encoder are unchanged. `score()` is differentiable in the query encoder
+(and in the passage encoder when `train_passage_encoder`), so the retriever can be the
+prior p(h|x) or, reading "question answer", the posterior q(h|x,y).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from latentrag import hookimpl
+from latentrag.core.config import StrictModel
+from latentrag.core.errors import LatentragError
+from latentrag.core.interfaces import Retriever
+from latentrag.core.types import Candidates, Corpus
+
+from .encoders import SentenceEncoder, load_sentence_encoder, state_fingerprint
+from .faiss_index import (
+    IndexManifest,
+    IndexOptions,
+    IndexType,
+    build_index,
+    has_index,
+    load_index,
+    save_index,
+    search,
+    stored_vectors,
+)
+
+#: corpora larger than this show a progress bar while encoding
+PROGRESS_THRESHOLD = 1000
+
+
+class DPRConfig(StrictModel):
+    model: str = Field(
+        "minilm", description="'minilm' (packaged), 'tiny-random' (tests) or a model directory"
+    )
+    shared_encoders: bool = Field(False, description="one encoder for queries and passages")
+    train_passage_encoder: bool = Field(
+        False, description="re-encode scored passages with grad (else use the index's vectors)"
+    )
+    with_title: bool = Field(False, description="encode passages as 'title. text'")
+    max_length: int = Field(128, ge=8)
+    batch_size: int = Field(64, ge=1)
+    normalize: bool = True
+    index: IndexType = "flat"
+    nlist: int = Field(100, ge=1, description="IVF lists (capped at one per 39 passages)")
+    nprobe: int = Field(8, ge=1, description="IVF lists searched per query")
+    hnsw_m: int = Field(32, ge=2, description="HNSW neighbours per node")
+    ef_construction: int = Field(80, ge=1)
+    ef_search: int = Field(64, ge=1)
+    index_dir: str | None = Field(None, description="where the index is saved and reused")
+    refresh_every: int = Field(
+        0,
+        ge=0,
+        description="the trainer calls refresh() every N optimizer steps (0: never); "
+        "the retriever never refreshes by itself",
+    )
+    seed: int = Field(0, description="weights of 'tiny-random'")
+
+    def index_options(self) -> IndexOptions:
+        return IndexOptions(
+            type=self.index,
+            nlist=self.nlist,
+            nprobe=self.nprobe,
+            hnsw_m=self.hnsw_m,
+            ef_construction=self.ef_construction,
+            ef_search=self.ef_search,
+        )
+
+
+class DPRRetriever(Retriever, nn.Module):
+    """Dense bi-encoder retriever with a persistent faiss index."""
+
+    def __init__(self, config: DPRConfig | None = None) -> None:
+        nn.Module.__init__(self)
+        self.config = config or DPRConfig()
+        cfg = self.config
+        self.query_encoder = load_sentence_encoder(
+            cfg.model, cfg.seed, cfg.max_length, cfg.normalize
+        )
+        self.passage_encoder = self.query_encoder if cfg.shared_encoders else self._copy()
+        self.corpus: Corpus | None = None
+        self._texts: list[str] = []
+        self._index = None
+        self._vectors: Tensor | None = None  # [N,D] passage vectors, rows as in the corpus
+        self._model_fingerprint = ""
+        self.eval()  # like a loaded pretrained model; the trainer switches to train mode
+
+    def _copy(self) -> SentenceEncoder:
+        encoder = self.query_encoder.clone()
+        encoder.requires_grad_(self.config.train_passage_encoder)
+        return encoder
+
+    @property
+    def refresh_every(self) -> int:
+        return self.config.refresh_every
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {"query_encoder": self.query_encoder}
+        if self.config.train_passage_encoder and not self.config.shared_encoders:
+            modules["passage_encoder"] = self.passage_encoder
+        return modules
+
+    # -- indexing ------------------------------------------------------------------------
+
+    def index(self, corpus: Corpus) -> None:
+        """Load the saved index from `index_dir` when there is one (refusing a stale one),
+        else encode the corpus, build the index and save it there."""
+        directory = self._index_dir()
+        if directory is not None and has_index(directory):
+            self.load(directory, corpus)
+        else:
+            self.build(corpus)
+
+    def build(self, corpus: Corpus) -> None:
+        """Encode `corpus` and build its index, overwriting any saved one in `index_dir`."""
+        self._attach(corpus)
+        self.refresh()
+        directory = self._index_dir()
+        if directory is not None:
+            self.save(directory)
+
+    def refresh(self) -> None:
+        """Re-encode the corpus with the current passage encoder and rebuild the index in
+        memory (the saved index keeps describing the configured weights)."""
+        self._require_corpus()
+        vectors = self.passage_encoder.encode(
+            self._texts, self.config.batch_size, progress=len(self._texts) > PROGRESS_THRESHOLD
+        )
+        self._index = build_index(vectors.numpy(), self.config.index_options())
+        self._vectors = vectors
+        self._model_fingerprint = state_fingerprint(self.passage_encoder)
+
+    def save(self, directory: Path) -> None:
+        """Write the index and its manifest to `directory` (atomically)."""
+        self._require_index()
+        save_index(Path(directory), self._index, self._manifest(self._model_fingerprint))
+
+    def load(self, directory: Path, corpus: Corpus | None = None) -> None:
+        """Load a saved index for `corpus` (default: the indexed one); StaleIndexError when
+        it was built from another corpus, passage encoder or index configuration."""
+        if corpus is not None:
+            self._attach(corpus)
+        self._require_corpus()
+        fingerprint = state_fingerprint(self.passage_encoder)
+        expected = self._manifest(fingerprint)
+        index = load_index(Path(directory), expected, self.config.index_options())
+        self._index = index
+        self._vectors = torch.from_numpy(stored_vectors(index))
+        self._model_fingerprint = fingerprint
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load trained weights; re-encode the corpus when the passage encoder changed."""
+        super().load_state_dict(state)
+        if self._index is not None and state_fingerprint(self.passage_encoder) != (
+            self._model_fingerprint
+        ):
+            self.refresh()
+
+    def _attach(self, corpus: Corpus) -> None:
+        self.corpus = corpus
+        self._texts = corpus.texts(with_title=self.config.with_title)
+
+    def _manifest(self, model_fingerprint: str) -> IndexManifest:
+        assert self.corpus is not None
+        options = self.config.index_options()
+        return IndexManifest(
+            model_fingerprint=model_fingerprint,
+            corpus_fingerprint=self.corpus.fingerprint(),
+            dims=self.passage_encoder.dim,
+            index_type=options.type,
+            num_vectors=len(self.corpus),
+            encoder_settings={
+                **self.passage_encoder.settings(),
+                "with_title": self.config.with_title,
+            },
+            index_params=options.structure(),
+            model=self.config.model,
+        )
+
+    def _index_dir(self) -> Path | None:
+        return Path(self.config.index_dir).expanduser() if self.config.index_dir else None
+
+    def _require_corpus(self) -> None:
+        if self.corpus is None:
+            raise LatentragError("dpr retriever: call index(corpus) first")
+
+    def _require_index(self) -> None:
+        if self._index is None:
+            raise LatentragError("dpr retriever: call index(corpus) before searching or saving")
+
+    # -- search and scoring --------------------------------------------------------------
+
+    def retrieve(self, queries: Sequence[str], k: int) -> Candidates:
+        self._require_index()
+        size = len(self._texts)
+        if not 1 <= k <= size:
+            raise LatentragError(f"dpr retriever: k = {k} but the corpus has {size} passages")
+        vectors = self.query_encoder.encode(queries, self.config.batch_size)
+        scores, rows = search(self._index, vectors.numpy(), k)
+        found = rows >= 0  # approximate indexes may return fewer than k
+        indices = torch.from_numpy(np.where(found, rows, 0)).long()
+        scores = torch.from_numpy(np.where(found, scores, 0.0)).float()
+        mask = None if found.all() else torch.from_numpy(found)
+        return Candidates(indices, scores, mask)
+
+    def score(self, queries: Sequence[str], passage_rows: Tensor) -> Tensor:
+        """q·p for each query and its passages [B,K]: the query encoder is in the graph;
+        passages come from the index, or are re-encoded with grad when trained."""
+        self._require_index()
+        if passage_rows.dim() != 2 or passage_rows.shape[0] != len(queries):
+            shape = tuple(passage_rows.shape)
+            raise ValueError(f"passage_rows must be [B,K] with B = {len(queries)}, got {shape}")
+        query_vectors = self._embed(self.query_encoder, list(queries))
+        passage_vectors = self._passage_vectors(passage_rows.long().cpu())
+        return torch.einsum("bd,bkd->bk", query_vectors, passage_vectors.to(query_vectors.device))
+
+    def _passage_vectors(self, rows: Tensor) -> Tensor:
+        if not self.config.train_passage_encoder:
+            return self._vectors[rows]
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        texts = [self._texts[row] for row in unique.tolist()]
+        return self._embed(self.passage_encoder, texts)[inverse]
+
+    def _embed(self, encoder: SentenceEncoder, texts: list[str]) -> Tensor:
+        size = self.config.batch_size
+        chunks = [encoder.embed(texts[i : i + size]) for i in range(0, len(texts), size)]
+        return torch.cat(chunks)
+
+
+@hookimpl
+def register_components(register) -> None:
+    register(
+        "retriever",
+        "dpr",
+        DPRRetriever,
+        DPRConfig,
+        "Dense bi-encoder (MiniLM) with a persistent faiss index",
+    )
