@@ -1,0 +1,354 @@
+"""The `hf-causal-lm` generator: any transformers causal LM as p(y | x, h).
+
+The prompt is `prompt_template` filled with the question and the (truncated) passage; the
+target is " " + answer followed by the end-of-sequence token. Prompt and target are
+tokenised separately and concatenated, so the target's tokens are the same whatever the
+prompt: every candidate passage k of example b scores the same T target tokens, which is
+what RAG-Token needs to marginalise per token.
+
+Scoring runs one right-padded forward per micro-batch of the flattened B*K sequences
+(sorted by length to limit padding). Logits are computed only at the positions that
+predict target tokens (`logits_to_keep` with per-row positions), so the vocabulary-sized
+tensor is [n, T, V], never [n, L, V].
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from latentrag import hookimpl
+from latentrag.core.config import StrictModel
+from latentrag.core.errors import ConfigError
+from latentrag.core.interfaces import Generator, Reduce
+
+from . import smollm2
+
+DEFAULT_TEMPLATE = "Context: {passage}\nQuestion: {question}\nAnswer:"
+TINY_MODELS = ("tiny-llama", "tiny-gpt2")
+BUILTIN_MODELS = ("smollm2", *TINY_MODELS)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class LoraSettings(StrictModel):
+    """LoRA adapters through peft; only the adapter weights are trained."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="module names to adapt; None: peft's default for the architecture"
+    )
+
+
+class HFGeneratorConfig(StrictModel):
+    model: str = Field(
+        "smollm2", description="'smollm2', 'tiny-llama', 'tiny-gpt2' or a local model directory"
+    )
+    prompt_template: str = DEFAULT_TEMPLATE
+    max_passage_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="sequences per forward pass")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    lora: LoraSettings | None = None
+    freeze: bool = False
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    seed: int = 0
+    cache_dir: str | None = Field(
+        None, description="SmolLM2 safetensors cache (default $LATENTRAG_CACHE/smollm2)"
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value in BUILTIN_MODELS or Path(value).expanduser().is_dir():
+            return value
+        raise ValueError(
+            f"{value!r} is neither one of {', '.join(BUILTIN_MODELS)} nor a local directory"
+        )
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_fields(cls, value: str) -> str:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a format string: {exc}") from None
+        if fields != {"question", "passage"}:
+            raise ValueError(f"must use exactly {{question}} and {{passage}}, found {fields}")
+        return value
+
+
+def load_model_and_tokenizer(config: HFGeneratorConfig):
+    """The (model, tokenizer) pair `config.model` names, in `config.dtype`."""
+    dtype = DTYPES[config.dtype]
+    if config.model in TINY_MODELS:
+        from latentrag.testing.tiny_models import tiny_gpt2, tiny_llama, tiny_tokenizer
+
+        build = tiny_llama if config.model == "tiny-llama" else tiny_gpt2
+        tokenizer = tiny_tokenizer()
+        model = build(tokenizer, seed=config.seed, attn_implementation=config.attn_implementation)
+        return model.to(dtype), tokenizer
+    directory = (
+        smollm2.converted_dir(config.cache_dir)
+        if config.model == "smollm2"
+        else Path(config.model).expanduser()
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, attn_implementation=config.attn_implementation
+        )
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"generator.model: cannot load {str(directory)!r}: {first_line}") from exc
+    return model.eval(), tokenizer
+
+
+def add_lora(model: nn.Module, settings: LoraSettings, seed: int) -> nn.Module:
+    """Wrap `model` with LoRA adapters (deterministic init for `seed`)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora)
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded ids [n, L] and their attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-padded ids [n, L] and their attention mask (for generation)."""
+    ids, mask = pad_right([list(reversed(r)) for r in rows], pad_id)
+    return ids.flip(1), mask.flip(1)
+
+
+class HFCausalLMGenerator(Generator, nn.Module):
+    """A transformers causal LM scoring and generating answers given passages."""
+
+    def __init__(self, config: HFGeneratorConfig | None = None) -> None:
+        nn.Module.__init__(self)
+        self.config = config or HFGeneratorConfig()
+        model, self.tokenizer = load_model_and_tokenizer(self.config)
+        if self.tokenizer.eos_token_id is None:
+            raise ConfigError(f"generator.model {self.config.model!r}: tokenizer has no eos token")
+        if self.config.lora is not None:
+            model = add_lora(model, self.config.lora, self.config.seed)
+        if self.config.freeze:
+            model.requires_grad_(False)
+        self.model = model
+        self._truncated: dict[str, str] = {}
+
+    # -- Component -------------------------------------------------------------------
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        if self.config.freeze:
+            return {}
+        return {"lm": self.model}
+
+    def state_dict(self) -> dict[str, Tensor]:  # type: ignore[override]
+        """The trainable parameters only (all weights, or just the LoRA adapters)."""
+        return {
+            f"lm.{name}": param.detach()
+            for name, param in self.model.named_parameters()
+            if param.requires_grad
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:  # type: ignore[override]
+        expected = set(self.state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"generator checkpoint mismatch: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}"
+            )
+        own = {key.removeprefix("lm."): value for key, value in state.items()}
+        self.model.load_state_dict(own, strict=False)
+
+    # -- tokenisation ----------------------------------------------------------------
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    def _truncate(self, passages: Sequence[str]) -> list[str]:
+        """Passages cut to `max_passage_tokens` tokens (cached per text)."""
+        new = [p for p in dict.fromkeys(passages) if p not in self._truncated]
+        if new:
+            limit = self.config.max_passage_tokens
+            encoded = self.tokenizer(new, add_special_tokens=False)["input_ids"]
+            for text, ids in zip(new, encoded):
+                short = len(ids) <= limit
+                self._truncated[text] = text if short else self.tokenizer.decode(ids[:limit])
+        return [self._truncated[p] for p in passages]
+
+    def prompt(self, question: str, passages: Sequence[str]) -> str:
+        """The filled template; several passages are joined by newlines into one context."""
+        context = "\n".join(self._truncate(passages))
+        return self.config.prompt_template.format(question=question, passage=context)
+
+    def _prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        ids = self.tokenizer(list(prompts))["input_ids"]  # with BOS where the tokenizer adds one
+        # the first target token must be predicted from something
+        return [row or [self.tokenizer.eos_token_id] for row in ids]
+
+    def _target_ids(self, targets: Sequence[str]) -> list[list[int]]:
+        texts = [" " + t for t in targets]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [row + [self.tokenizer.eos_token_id] for row in ids]
+
+    # -- scoring ---------------------------------------------------------------------
+
+    def token_logprobs(
+        self,
+        queries: Sequence[str],
+        passages: Sequence[Sequence[str]],
+        targets: Sequence[str],
+    ) -> tuple[Tensor, Tensor]:
+        if not len(queries) == len(passages) == len(targets):
+            raise ValueError("queries, passages and targets must have the same length")
+        k = _common_width(passages)
+        prompts = [self.prompt(q, [p]) for q, row in zip(queries, passages) for p in row]
+        prompt_ids = self._prompt_ids(prompts)
+        target_ids = self._target_ids(targets)
+        flat_targets = [target_ids[b] for b in range(len(queries)) for _ in range(k)]
+        logprobs = self._sequence_logprobs(prompt_ids, flat_targets)  # [B*K, T]
+        lengths = torch.tensor([len(t) for t in target_ids])
+        mask = torch.arange(logprobs.shape[1]) < lengths[:, None]
+        return logprobs.view(len(queries), k, -1), mask
+
+    def loglik(
+        self,
+        queries: Sequence[str],
+        passages: Sequence[Sequence[str]],
+        targets: Sequence[str],
+        reduce: Reduce = "sum",
+    ) -> Tensor:
+        logprobs, mask = self.token_logprobs(queries, passages, targets)
+        total = logprobs.sum(-1)  # padded target slots hold 0
+        if reduce == "sum":
+            return total
+        if reduce == "mean":
+            return total / mask.sum(-1, keepdim=True)
+        raise ValueError(f"reduce must be 'sum' or 'mean', not {reduce!r}")
+
+    def _sequence_logprobs(
+        self, prompt_ids: list[list[int]], target_ids: list[list[int]]
+    ) -> Tensor:
+        """log p(target token | prompt, earlier target tokens) [n, T], 0 past each target."""
+        width = max(len(t) for t in target_ids)
+        order = sorted(
+            range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(target_ids[i])
+        )
+        chunks = []
+        for start in range(0, len(order), self.config.batch_size):
+            rows = order[start : start + self.config.batch_size]
+            chunk = self._score_chunk([prompt_ids[i] for i in rows], [target_ids[i] for i in rows])
+            chunks.append(nn.functional.pad(chunk, (0, width - chunk.shape[1])))
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return torch.cat(chunks)[inverse]
+
+    def _score_chunk(self, prompts: list[list[int]], targets: list[list[int]]) -> Tensor:
+        """One right-padded forward; logits only where a target token is predicted."""
+        # the last target token is never an input: nothing after it is scored
+        ids, attention = pad_right([p + t[:-1] for p, t in zip(prompts, targets)], self.pad_id)
+        target, target_mask = pad_right(targets, 0)
+        target_mask = target_mask.bool()
+        steps = torch.arange(target.shape[1])
+        lengths = torch.tensor([len(t) for t in targets])
+        # the logit at position len(prompt)-1+j predicts target token j; clamp the padding
+        starts = torch.tensor([len(p) - 1 for p in prompts])
+        positions = starts[:, None] + torch.minimum(steps[None, :], lengths[:, None] - 1)
+        logits = self.model(
+            input_ids=ids, attention_mask=attention, logits_to_keep=positions, use_cache=False
+        ).logits  # [n, T, V]
+        # at least float32 (bfloat16 log-probs are too coarse), float64 kept for gradchecks
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        logprobs = torch.log_softmax(logits, dim=-1)
+        picked = logprobs.gather(-1, target[..., None]).squeeze(-1)
+        return picked.masked_fill(~target_mask, 0.0)
+
+    # -- generation ------------------------------------------------------------------
+
+    def _stop_ids(self) -> list[int]:
+        stops = [self.tokenizer.eos_token_id]
+        newline = self.tokenizer("\n", add_special_tokens=False)["input_ids"]
+        if len(newline) == 1:
+            stops.append(newline[0])
+        return stops
+
+    @torch.no_grad()
+    def generate(
+        self,
+        queries: Sequence[str],
+        passages: Sequence[Sequence[str]],
+        max_new_tokens: int | None = None,
+    ) -> list[str]:
+        """Greedy answers; stops at eos or a newline; prompt and special tokens stripped."""
+        prompts = self._prompt_ids([self.prompt(q, ps) for q, ps in zip(queries, passages)])
+        settings = GenerationConfig(
+            max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_id,
+            eos_token_id=self._stop_ids(),
+        )
+        was_training = self.training
+        self.eval()
+        try:
+            answers: list[str] = []
+            for start in range(0, len(prompts), self.config.batch_size):
+                chunk = prompts[start : start + self.config.batch_size]
+                answers.extend(self._generate_chunk(chunk, settings))
+            return answers
+        finally:
+            self.train(was_training)
+
+    def _generate_chunk(self, prompts: list[list[int]], settings: GenerationConfig) -> list[str]:
+        ids, attention = pad_left(prompts, self.pad_id)
+        out = self.model.generate(
+            input_ids=ids, attention_mask=attention, generation_config=settings
+        )
+        texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        return [text.split("\n", 1)[0].strip() for text in texts]
+
+
+def _common_width(passages: Sequence[Sequence[str]]) -> int:
+    widths = {len(row) for row in passages}
+    if len(widths) != 1 or 0 in widths:
+        raise ValueError(f"every query needs the same number K>=1 of passages, got {widths}")
+    return widths.pop()
+
+
+@hookimpl
+def register_components(register):
+    register(
+        "generator",
+        "hf-causal-lm",
+        HFCausalLMGenerator,
+        HFGeneratorConfig,
+        "Any transformers causal LM (packaged SmolLM2-135M by default)",
+    )
