@@ -24,8 +24,6 @@ TINY = {
     ("estimator", "vrag"): {"k": 4},
     ("estimator", "jsa"): {"k": 4},
 }
-#: estimators whose mean gradient matches the exact one when candidates span the corpus
-UNBIASED = {"topk": {"candidates": "corpus"}, "topk-token": None, "vrag": None, "jsa": None}
 CHECKS = {
     "retriever": checks.check_retriever,
     "reranker": checks.check_reranker,
