@@ -1,0 +1,533 @@
+"""The training loop. `Trainer.train` reads top to bottom: setup, the loop with its numbered
+steps, cleanup; the helpers below it do one thing each.
+
+What a run writes to ``out_dir``: ``metrics.jsonl`` (one line per optimizer step, plus
+``{"step": s, "eval": {...}}`` lines) and checkpoints ``ckpt-<step>/`` (see `checkpoint`).
+Training is deterministic on CPU: the data order of epoch e is a permutation seeded by
+(seed, e), every RNG is checkpointed, and a resumed run ends with parameters bitwise equal
+to an uninterrupted one. (With a dense retriever refreshed every N steps, this also needs
+checkpoint_every to be a multiple of N: on resume the index is rebuilt from the restored
+weights, which equals the uninterrupted run's index only if it was refreshed at that step.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    KEEP_LAST,
+    Checkpoint,
+    capture_rng,
+    flatten_optimizer,
+    list_checkpoints,
+    load_latest,
+    restore_rng,
+    save_checkpoint,
+    unflatten_optimizer,
+)
+from .config import PipelineConfig, ResolvedConfig
+from .data import atomic_write_bytes
+from .errors import ConfigError, LatentragError
+from .evaluation import evaluate_qa, evaluate_retrieval
+from .pipeline import Pipeline
+from .types import Batch, Example
+
+METRICS_FILE = "metrics.jsonl"
+#: roles whose learning rate `train.lrs` may set ("retriever" is accepted for "prior")
+LR_ROLES = ("prior", "posterior", "reranker", "generator", "estimator")
+_LR_ALIASES = {"retriever": "prior"}
+_RESERVED = {"step", "loss", "lr", "grad_norm", "skipped", "skipped_steps", "wall_s", "eval"}
+
+
+class TrainingError(LatentragError):
+    """Training cannot go on: a non-finite loss or gradient, or a checkpoint that does not
+    fit the pipeline. The message is one line naming the step or the path."""
+
+
+# -- small pieces the loop uses ------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Deterministic torch kernels (warning where none exists) for the block's duration."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    digest = hashlib.sha256(f"latentrag-data-order:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass
+class DataOrder:
+    """Which example comes next: epoch e visits a permutation seeded by (seed, e); a batch
+    that runs past the end of an epoch continues into the next one."""
+
+    size: int
+    seed: int
+    epoch: int = 0
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        self._order: list[int] = []
+        self._order_epoch = -1
+
+    def _permutation(self) -> list[int]:
+        if self._order_epoch != self.epoch:
+            generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+            self._order = torch.randperm(self.size, generator=generator).tolist()
+            self._order_epoch = self.epoch
+        return self._order
+
+    def take(self, count: int) -> list[int]:
+        rows = []
+        for _ in range(count):
+            rows.append(self._permutation()[self.index])
+            self.index += 1
+            if self.index == self.size:
+                self.epoch, self.index = self.epoch + 1, 0
+        return rows
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats become null (JSON has no NaN); nested dicts are walked."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """metrics.jsonl, appended one flushed line at a time. Opening it keeps only the lines
+    of steps <= keep_through (0: none), so a resumed run writes no duplicates."""
+
+    def __init__(self, path: Path, keep_through: int) -> None:
+        kept = [line for line in _read_lines(path) if _line_step(line) <= keep_through]
+        atomic_write_bytes(path, "".join(kept).encode("utf-8"))
+        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text("utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        return []
+
+
+def _line_step(line: str) -> float:
+    """The step of a metrics line; a torn or foreign line sorts after every step."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+# -- the trainer ---------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains a pipeline's components with its estimator; see the module docstring."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        resolved_config: ResolvedConfig | PipelineConfig,
+        train_examples: Sequence[Example],
+        dev_examples: Sequence[Example] | None = None,
+        out_dir: str | Path = "runs/latest",
+        *,
+        eval_qa: bool = False,
+        progress: bool = True,
+        keep_last: int = KEEP_LAST,
+    ) -> None:
+        if isinstance(resolved_config, ResolvedConfig):
+            self.config_dict = resolved_config.to_dict()
+            resolved_config = resolved_config.pipeline
+        else:
+            self.config_dict = resolved_config.model_dump(mode="json")
+        if pipeline.estimator is None:
+            raise ConfigError("training needs an [estimator] section in the config")
+        if not train_examples:
+            raise LatentragError("training needs at least one training example")
+        self.pipeline = pipeline
+        self.estimator = pipeline.estimator
+        self.settings = resolved_config.train
+        self.eval_settings = resolved_config.eval
+        self.train_examples = list(train_examples)
+        self.dev_examples = list(dev_examples or [])
+        self.out_dir = Path(out_dir)
+        self.eval_qa = eval_qa
+        self.progress = progress
+        self.keep_last = keep_last
+
+        self.trained_roles = self._trained_roles()
+        self.parameters = self._parameters_by_role()
+        self._freeze_untrained()
+        self.optimizer = self._build_optimizer()
+        self.order = DataOrder(len(self.train_examples), self.settings.seed)
+        self.skipped_steps = 0
+        self.last_loss = math.nan
+        self._wall_before = 0.0
+
+    # -- setup helpers ---------------------------------------------------------------------
+
+    def _trained_roles(self) -> list[str]:
+        """Roles the estimator trains, plus the estimator's own modules (e.g. a baseline)."""
+        roles = self.pipeline.roles()
+        wanted = [*self.estimator.trains, "estimator"]
+        return [r for r in dict.fromkeys(wanted) if r in roles]
+
+    def _parameters_by_role(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Each role's named parameters; one shared by two roles (prior = posterior) goes to
+        the first, trained roles coming first."""
+        roles = self.pipeline.roles()
+        order = self.trained_roles + [r for r in roles if r not in self.trained_roles]
+        seen: set[int] = set()
+        by_role: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        for role in order:
+            named = []
+            for prefix, module in roles[role].trainable_modules().items():
+                for name, param in module.named_parameters():
+                    if id(param) not in seen:
+                        seen.add(id(param))
+                        named.append((f"{prefix}.{name}", param))
+            by_role[role] = named
+        return by_role
+
+    def _freeze_untrained(self) -> None:
+        for role, named in self.parameters.items():
+            if role not in self.trained_roles:
+                for _, param in named:
+                    param.requires_grad_(False)
+
+    def _lr(self, role: str) -> float:
+        lrs = self.settings.lrs
+        unknown = sorted(set(lrs) - set(LR_ROLES) - set(_LR_ALIASES))
+        if unknown:
+            raise ConfigError(
+                f"train.lrs: unknown role {unknown[0]!r}; roles: {', '.join(LR_ROLES)}"
+            )
+        aliases = [a for a, target in _LR_ALIASES.items() if target == role]
+        for key in (role, *aliases):
+            if key in lrs:
+                return lrs[key]
+        return self.settings.lr
+
+    def _build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW, one parameter group per trained role; as in nanoGPT, weight decay applies
+        to matrices and embeddings (dim >= 2), not to biases and norms."""
+        groups = []
+        for role in self.trained_roles:
+            params = [p for _, p in self.parameters[role]]
+            for decay in (True, False):
+                chosen = [p for p in params if (p.dim() >= 2) == decay]
+                if chosen:
+                    wd = self.settings.weight_decay if decay else 0.0
+                    groups.append(
+                        {"params": chosen, "lr": self._lr(role), "weight_decay": wd, "role": role}
+                    )
+        if not groups:
+            raise TrainingError(
+                f"nothing to train: the estimator trains {', '.join(self.estimator.trains)}, "
+                "which have no trainable parameters in this pipeline"
+            )
+        return torch.optim.AdamW(groups, lr=self.settings.lr)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def train(self, resume: bool = False) -> dict[str, Any]:
+        """Run to `train.steps` optimizer steps (from the latest good checkpoint when
+        resume=True) and return the final loss, step count and dev metrics."""
+        settings = self.settings
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with deterministic_algorithms():
+            # -- setup: where to start, the metrics log, the progress bar --
+            start = self._resume() if resume else self._fresh_start()
+            log = MetricsLog(self.out_dir / METRICS_FILE, keep_through=start)
+            bar = tqdm(
+                total=settings.steps, initial=start, desc="train", disable=not self.progress
+            )
+            t0 = time.perf_counter()
+            last_eval: dict[str, float] | None = None
+            self._set_mode(training=True)
+            try:
+                for step in range(start + 1, settings.steps + 1):
+                    # 1. forward and backward over grad_accum micro-batches
+                    self.optimizer.zero_grad(set_to_none=True)
+                    record = self._accumulate_gradients()
+                    self.last_loss = record["loss"]
+                    norms = self._grad_norms()
+                    # 2. a non-finite loss or gradient stops the run, or skips the step
+                    problem = self._nonfinite(record["loss"], norms)
+                    if problem and settings.on_nonfinite == "stop":
+                        raise TrainingError(f"step {step}: {problem}; training stopped")
+                    if problem:
+                        self.skipped_steps += 1
+                        self.optimizer.zero_grad(set_to_none=True)
+                    else:
+                        # 3. clip the gradient and update the parameters
+                        record["grad_norm"] = self._clip(norms)
+                        self.optimizer.step()
+                    # 4. log the step
+                    record.update(step=step, skipped=bool(problem))
+                    record.update(skipped_steps=self.skipped_steps, lr=self._lrs())
+                    record["wall_s"] = self._wall_before + time.perf_counter() - t0
+                    log.write(record)
+                    bar.update(1)
+                    bar.set_postfix(self._postfix(record), refresh=False)
+                    # 5. re-encode the corpus with the updated retriever encoders
+                    if _every(step, settings.refresh_index_every):
+                        self._refresh_indexes()
+                    # 6. evaluate on the dev examples
+                    last_eval = None
+                    if _every(step, settings.eval_every) and self.dev_examples:
+                        last_eval = self.evaluate()
+                        log.write({"step": step, "eval": last_eval})
+                    # 7. checkpoint (wall time included, so that resume continues the clock)
+                    if _every(step, settings.checkpoint_every) or step == settings.steps:
+                        self._wall_before += time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        self._save(step)
+                # -- cleanup: a final dev evaluation unless the last step had one --
+                final_step = max(start, settings.steps)
+                if last_eval is None and self.dev_examples:
+                    last_eval = self.evaluate()
+                    log.write({"step": final_step, "eval": last_eval})
+            finally:
+                bar.close()
+                log.close()
+                self._set_mode(training=False)
+        return {
+            "step": final_step,
+            "loss": self.last_loss,
+            "skipped_steps": self.skipped_steps,
+            **(last_eval or {}),
+        }
+
+    # -- loop helpers -----------------------------------------------------------------------
+
+    def _fresh_start(self) -> int:
+        existing = list_checkpoints(self.out_dir)
+        if existing:
+            raise TrainingError(
+                f"{self.out_dir} already holds checkpoints (newest {existing[-1][1].name}); "
+                "resume from them or train into another directory"
+            )
+        seed_everything(self.settings.seed)
+        return 0
+
+    def _accumulate_gradients(self) -> dict[str, Any]:
+        """Forward and backward grad_accum micro-batches; each loss is divided by grad_accum
+        so the gradient is that of the mean over the step's examples."""
+        accum = self.settings.grad_accum
+        loss = 0.0
+        diagnostics: dict[str, float] = {}
+        counts = {"generator_forwards": 0, "generator_backwards": 0}
+        for _ in range(accum):
+            rows = self.order.take(self.settings.batch_size)
+            batch = Batch([self.train_examples[i] for i in rows])
+            out = self.estimator.loss(batch, self.pipeline)
+            if out.loss.requires_grad:
+                (out.loss / accum).backward()
+            elif math.isfinite(out.loss.item()):
+                raise TrainingError("the estimator returned a loss that has no gradient")
+            loss += out.loss.item() / accum
+            for name, value in out.diagnostics.items():
+                key = f"estimator.{name}" if name in _RESERVED else name
+                diagnostics[key] = diagnostics.get(key, 0.0) + float(value) / accum
+            counts["generator_forwards"] += out.generator_forwards
+            counts["generator_backwards"] += out.generator_backwards
+        return {"loss": loss, **diagnostics, **counts}
+
+    def _grad_norms(self) -> dict[str, Tensor]:
+        norms = {}
+        for role in self.trained_roles:
+            grads = [p.grad for _, p in self.parameters[role] if p.grad is not None]
+            if grads:
+                norms[role] = torch.nn.utils.get_total_norm(grads)
+        return norms
+
+    def _nonfinite(self, loss: float, norms: dict[str, Tensor]) -> str | None:
+        """What is not finite (the loss, or the gradient of which component), or None."""
+        if not math.isfinite(loss):
+            return f"non-finite loss ({loss})"
+        for role, norm in norms.items():
+            if not torch.isfinite(norm):
+                bad = next(
+                    name
+                    for name, p in self.parameters[role]
+                    if p.grad is not None and not torch.isfinite(p.grad).all()
+                )
+                return f"non-finite gradient in the {role} ({bad})"
+        return None
+
+    def _clip(self, norms: dict[str, Tensor]) -> float:
+        if not norms:
+            return 0.0
+        total = torch.linalg.vector_norm(torch.stack(list(norms.values())))
+        if self.settings.max_grad_norm is not None:
+            params = [p for role in norms for _, p in self.parameters[role]]
+            torch.nn.utils.clip_grads_with_norm_(params, self.settings.max_grad_norm, total)
+        return total.item()
+
+    def _lrs(self) -> dict[str, float]:
+        return {group["role"]: group["lr"] for group in self.optimizer.param_groups}
+
+    @staticmethod
+    def _postfix(record: dict[str, Any]) -> dict[str, str]:
+        postfix = {"loss": f"{record['loss']:.4g}"}
+        if "acceptance_rate" in record:
+            postfix["acc"] = f"{record['acceptance_rate']:.2f}"
+        return postfix
+
+    def _set_mode(self, training: bool) -> None:
+        """Trained modules train (dropout on); frozen ones always evaluate."""
+        for role, component in self.pipeline.roles().items():
+            for module in component.trainable_modules().values():
+                module.train(training and role in self.trained_roles)
+
+    @contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        self._set_mode(training=False)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self._set_mode(training=True)
+
+    def _refresh_indexes(self) -> None:
+        retrievers = {id(r): r for r in (self.pipeline.prior, self.pipeline.posterior) if r}
+        with self._evaluating():
+            for retriever in retrievers.values():
+                retriever.refresh()
+
+    def evaluate(self) -> dict[str, float]:
+        """Dev metrics: the prior's recall@k and MRR@10, plus EM/F1 when eval_qa is set."""
+        metrics: dict[str, float] = {}
+        with self._evaluating():
+            if any(e.gold_ids for e in self.dev_examples):
+                metrics.update(
+                    evaluate_retrieval(
+                        self.pipeline,
+                        self.pipeline.corpus,
+                        self.dev_examples,
+                        ks=self.eval_settings.recall_at,
+                    )
+                )
+            if self.eval_qa and self.pipeline.generator is not None:
+                qa = evaluate_qa(
+                    self.pipeline,
+                    self.dev_examples,
+                    self.eval_settings.passages,
+                    self.eval_settings.max_new_tokens,
+                    progress=False,
+                )
+                metrics.update(em=qa["em"], f1=qa["f1"])
+        return metrics
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _trained_components(self) -> dict[str, Any]:
+        """Trained role -> component, each component once (prior and posterior may be one)."""
+        roles = self.pipeline.roles()
+        unique: dict[int, str] = {}
+        for role in self.trained_roles:
+            unique.setdefault(id(roles[role]), role)
+        return {role: roles[role] for role in unique.values()}
+
+    def _save(self, step: int) -> None:
+        model = {
+            f"{role}.{key}": value
+            for role, component in self._trained_components().items()
+            for key, value in component.state_dict().items()
+        }
+        optimizer_tensors, optimizer_meta = flatten_optimizer(self.optimizer.state_dict())
+        state = {
+            "step": step,
+            "position": self.order.position(),
+            "rng": capture_rng(),
+            "optimizer": optimizer_meta,
+            "estimator": self.estimator.extra_state(),
+            "skipped_steps": self.skipped_steps,
+            "loss": _json_safe(self.last_loss),
+            "wall_s": self._wall_before,
+            "config": json.loads(json.dumps(self.config_dict, default=str)),
+        }
+        tensors = {"model": model, "optimizer": optimizer_tensors}
+        save_checkpoint(self.out_dir, Checkpoint(step, tensors, state), self.keep_last)
+
+    def _resume(self) -> int:
+        checkpoint = load_latest(self.out_dir)
+        if checkpoint is None:
+            warnings.warn(f"no checkpoint in {self.out_dir}: starting from step 0", stacklevel=3)
+            return self._fresh_start()
+        state = checkpoint.state
+        try:
+            for role, component in self._trained_components().items():
+                prefix = role + "."
+                own = {
+                    k[len(prefix) :]: v
+                    for k, v in checkpoint.tensors["model"].items()
+                    if k.startswith(prefix)
+                }
+                component.load_state_dict(own)
+            self.optimizer.load_state_dict(
+                unflatten_optimizer(checkpoint.tensors["optimizer"], state["optimizer"])
+            )
+        except (KeyError, ValueError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise TrainingError(
+                f"{checkpoint.path} does not fit this pipeline: {reason}"
+            ) from None
+        self.order = DataOrder(len(self.train_examples), self.settings.seed, **state["position"])
+        self.estimator.load_extra_state(state["estimator"])
+        self.skipped_steps = state["skipped_steps"]
+        self.last_loss = math.nan if state["loss"] is None else state["loss"]
+        self._wall_before = state["wall_s"]
+        if self.settings.refresh_index_every:
+            self._refresh_indexes()
+        restore_rng(state["rng"])
+        return checkpoint.step
