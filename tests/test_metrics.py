@@ -1,9 +1,12 @@
 import math
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from latentrag.core.errors import LatentragError
+from latentrag.core.evaluation import evaluate_qa, evaluate_retrieval
 from latentrag.core.metrics import (
     bleu,
     exact_match,
@@ -12,6 +15,7 @@ from latentrag.core.metrics import (
     normalize_answer,
     recall_at_k,
 )
+from latentrag.core.types import Candidates, Corpus, Example, Passage
 
 
 @pytest.mark.parametrize(
@@ -103,3 +107,69 @@ def test_f1_bounds_and_consistency_with_exact_match(prediction, answer):
     assert 0.0 <= score <= 1.0
     if exact_match(prediction, [answer]):
         assert score == 1.0
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+CORPUS = Corpus(Passage(f"p{i}", f"text {i}") for i in range(4))
+
+
+class FixedRetriever:
+    """Ranks the corpus rows in a fixed order per question."""
+
+    def __init__(self, rankings):
+        self.rankings = rankings
+        self.asked_k = []
+
+    def retrieve(self, queries, k):
+        self.asked_k.append(k)
+        rows = torch.tensor([self.rankings[q][:k] for q in queries])
+        return Candidates(rows, -torch.arange(k, dtype=torch.float).expand(len(queries), -1))
+
+
+def test_evaluate_retrieval_hand_computed():
+    retriever = FixedRetriever({"a": [0, 1, 2, 3], "b": [3, 2, 1, 0], "c": [1, 0, 3, 2]})
+    examples = [
+        Example("1", "a", ("x",), ("p0",)),  # rank 1
+        Example("2", "b", ("x",), ("p1",)),  # rank 3
+        Example("3", "c", ("x",), ("p2", "p3")),  # rank 3 (p3)
+        Example("4", "a", ("x",), ()),  # no gold ids: not counted
+    ]
+    metrics = evaluate_retrieval(retriever, CORPUS, examples, ks=(1, 2, 20), batch_size=2)
+    assert metrics == pytest.approx(
+        {"recall@1": 1 / 3, "recall@2": 1 / 3, "recall@20": 1.0, "mrr@10": (1 + 1 / 3 + 1 / 3) / 3}
+    )
+    assert set(retriever.asked_k) == {4}  # k=20 clipped to the corpus size
+
+
+def test_evaluate_retrieval_needs_gold_ids():
+    retriever = FixedRetriever({"a": [0, 1, 2, 3]})
+    with pytest.raises(LatentragError, match="gold_ids"):
+        evaluate_retrieval(retriever, CORPUS, [Example("1", "a", ("x",))])
+
+
+class EchoPipeline:
+    """Answers with the text of its top passage."""
+
+    corpus = CORPUS
+
+    def __init__(self):
+        self.retriever = FixedRetriever({"a": [1, 0, 2, 3], "b": [2, 0, 1, 3]})
+
+    def retrieve(self, queries, k):
+        return self.retriever.retrieve(queries, k)
+
+    def predict(self, batch, passages=1, max_new_tokens=16):
+        top = self.retrieve(batch.questions, passages).indices[:, 0].tolist()
+        return [CORPUS[row].text for row in top]
+
+
+def test_evaluate_qa_em_f1_and_retrieval():
+    examples = [
+        Example("1", "a", ("Text 1!",), ("p1",)),  # exact after normalisation
+        Example("2", "b", ("text 9", "other"), ("p0",)),  # F1 1/2, gold at rank 2
+    ]
+    metrics = evaluate_qa(EchoPipeline(), examples, batch_size=1, progress=False)
+    assert metrics["em"] == 0.5
+    assert metrics["f1"] == pytest.approx(0.75)
+    assert metrics["recall@1"] == 0.5 and metrics["mrr@10"] == pytest.approx(0.75)
