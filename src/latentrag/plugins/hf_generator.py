@@ -190,6 +190,10 @@ class HFCausalLMGenerator(Generator, nn.Module):
     # -- tokenisation ----------------------------------------------------------------
 
     @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
@@ -238,6 +242,7 @@ class HFCausalLMGenerator(Generator, nn.Module):
         logprobs = self._sequence_logprobs(prompt_ids, flat_targets)  # [B*K, T]
         lengths = torch.tensor([len(t) for t in target_ids])
         mask = torch.arange(logprobs.shape[1]) < lengths[:, None]
+        mask = mask.to(logprobs.device)
         return logprobs.view(len(queries), k, -1), mask
 
     def loglik(
@@ -270,27 +275,30 @@ class HFCausalLMGenerator(Generator, nn.Module):
             chunks.append(nn.functional.pad(chunk, (0, width - chunk.shape[1])))
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-        return torch.cat(chunks)[inverse]
+        return torch.cat(chunks)[inverse.to(self.device)]
 
     def _score_chunk(self, prompts: list[list[int]], targets: list[list[int]]) -> Tensor:
         """One right-padded forward; logits only where a target token is predicted."""
         # the last target token is never an input: nothing after it is scored
         ids, attention = pad_right([p + t[:-1] for p, t in zip(prompts, targets)], self.pad_id)
         target, target_mask = pad_right(targets, 0)
-        target_mask = target_mask.bool()
         steps = torch.arange(target.shape[1])
         lengths = torch.tensor([len(t) for t in targets])
         # the logit at position len(prompt)-1+j predicts target token j; clamp the padding
         starts = torch.tensor([len(p) - 1 for p in prompts])
         positions = starts[:, None] + torch.minimum(steps[None, :], lengths[:, None] - 1)
+        device = self.device
         logits = self.model(
-            input_ids=ids, attention_mask=attention, logits_to_keep=positions, use_cache=False
+            input_ids=ids.to(device),
+            attention_mask=attention.to(device),
+            logits_to_keep=positions.to(device),
+            use_cache=False,
         ).logits  # [n, T, V]
         # at least float32 (bfloat16 log-probs are too coarse), float64 kept for gradchecks
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         logprobs = torch.log_softmax(logits, dim=-1)
-        picked = logprobs.gather(-1, target[..., None]).squeeze(-1)
-        return picked.masked_fill(~target_mask, 0.0)
+        picked = logprobs.gather(-1, target.to(device)[..., None]).squeeze(-1)
+        return picked.masked_fill(~target_mask.bool().to(device), 0.0)
 
     # -- generation ------------------------------------------------------------------
 
@@ -330,7 +338,9 @@ class HFCausalLMGenerator(Generator, nn.Module):
     def _generate_chunk(self, prompts: list[list[int]], settings: GenerationConfig) -> list[str]:
         ids, attention = pad_left(prompts, self.pad_id)
         out = self.model.generate(
-            input_ids=ids, attention_mask=attention, generation_config=settings
+            input_ids=ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            generation_config=settings,
         )
         texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         return [text.split("\n", 1)[0].strip() for text in texts]
