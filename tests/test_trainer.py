@@ -370,3 +370,32 @@ def test_trains_a_pipeline_built_from_a_config(tmp_path):
     assert result["step"] == 3
     saved = read_checkpoint(tmp_path / "ckpt-3").state["config"]
     assert saved["train"]["lrs"] == {"prior": 0.1} and saved["estimator"]["name"] == "toy"
+
+
+def test_resume_is_bitwise_identical_with_jsa_bow_and_tiny_llama(tmp_path):
+    pytest.importorskip("transformers")
+    data = {
+        "retriever": {"name": "bow", "dim": 16, "buckets": 256},
+        "posterior": {"name": "bow", "dim": 16, "buckets": 256, "seed": 1},
+        "generator": {"name": "hf-causal-lm", "model": "tiny-llama"},
+        "estimator": {"name": "jsa", "k": 3, "samples": 2},
+        "train": {"steps": 4, "batch_size": 3, "checkpoint_every": 2, "lr": 1e-3},
+    }
+
+    def run(out_dir, steps, resume=False):
+        resolved = resolve(data | {"train": data["train"] | {"steps": steps}})
+        pipeline = Pipeline.from_config(resolved, toy_corpus())
+        trainer = Trainer(pipeline, resolved, toy_examples(), out_dir=out_dir, progress=False)
+        trainer.train(resume=resume)
+        return pipeline
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "resumed", 2)  # stopped at step 2, then extended to 4
+    resumed = run(tmp_path / "resumed", 4, resume=True)
+    for role in ("prior", "posterior", "generator"):
+        expected, got = whole.roles()[role].state_dict(), resumed.roles()[role].state_dict()
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), role
+    assert metric_lines(tmp_path / "resumed") == metric_lines(tmp_path / "whole")
+    chain = read_checkpoint(tmp_path / "resumed" / "ckpt-4").state["estimator"]
+    assert chain == whole.estimator.extra_state()

@@ -208,6 +208,7 @@ class Trainer:
         self._freeze_untrained()
         self.optimizer = self._build_optimizer()
         self.order = DataOrder(len(self.train_examples), self.settings.seed)
+        self._warn_inexact_resume()
         self.skipped_steps = 0
         self.last_loss = math.nan
         self._wall_before = 0.0
@@ -231,7 +232,8 @@ class Trainer:
             named = []
             for prefix, module in roles[role].trainable_modules().items():
                 for name, param in module.named_parameters():
-                    if id(param) not in seen:
+                    # parameters a component keeps frozen itself (LoRA's base) stay out
+                    if param.requires_grad and id(param) not in seen:
                         seen.add(id(param))
                         named.append((f"{prefix}.{name}", param))
             by_role[role] = named
@@ -276,6 +278,16 @@ class Trainer:
             )
         return torch.optim.AdamW(groups, lr=self.settings.lr)
 
+    def _warn_inexact_resume(self) -> None:
+        every, refresh = self.settings.checkpoint_every, self.settings.refresh_index_every
+        if every and refresh and every % refresh:
+            warnings.warn(
+                f"train.checkpoint_every={every} is not a multiple of "
+                f"train.refresh_index_every={refresh}: a resumed run rebuilds the index from "
+                "the checkpoint's weights, so it will not match an uninterrupted run exactly",
+                stacklevel=3,
+            )
+
     # -- the loop ---------------------------------------------------------------------------
 
     def train(self, resume: bool = False) -> dict[str, Any]:
@@ -297,7 +309,7 @@ class Trainer:
                 for step in range(start + 1, settings.steps + 1):
                     # 1. forward and backward over grad_accum micro-batches
                     self.optimizer.zero_grad(set_to_none=True)
-                    record = self._accumulate_gradients()
+                    record = {"step": step, **self._accumulate_gradients()}
                     self.last_loss = record["loss"]
                     norms = self._grad_norms()
                     # 2. a non-finite loss or gradient stops the run, or skips the step
@@ -312,8 +324,8 @@ class Trainer:
                         record["grad_norm"] = self._clip(norms)
                         self.optimizer.step()
                     # 4. log the step
-                    record.update(step=step, skipped=bool(problem))
-                    record.update(skipped_steps=self.skipped_steps, lr=self._lrs())
+                    record.update(skipped=bool(problem), skipped_steps=self.skipped_steps)
+                    record["lr"] = self._lrs()
                     record["wall_s"] = self._wall_before + time.perf_counter() - t0
                     log.write(record)
                     bar.update(1)
@@ -397,9 +409,12 @@ class Trainer:
         for role, norm in norms.items():
             if not torch.isfinite(norm):
                 bad = next(
-                    name
-                    for name, p in self.parameters[role]
-                    if p.grad is not None and not torch.isfinite(p.grad).all()
+                    (
+                        name
+                        for name, p in self.parameters[role]
+                        if p.grad is not None and not torch.isfinite(p.grad).all()
+                    ),
+                    "its norm overflows",
                 )
                 return f"non-finite gradient in the {role} ({bad})"
         return None
