@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -278,3 +282,70 @@ def test_cell_json_records_assignment_and_seed(config, tmp_path):
     assert info["seed"] == 1
     manifest = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert manifest["grid"][1] == {"key": "retriever.k1", "values": [1.2, 1.5]}
+
+
+# -- end to end: the real CLI, killed and rerun -----------------------------------------------
+
+TINY_CONFIG = """\
+[retriever]
+name = "bow"
+[generator]
+name = "hf-causal-lm"
+model = "tiny-llama"
+[estimator]
+name = "topk"
+k = 4
+[data]
+source = "toy"
+[train]
+steps = 2
+batch_size = 2
+"""
+
+
+def start_sweep(config: Path, out: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "latentrag.cli", "sweep", str(config), "--out", str(out)]
+    command += ["--grid", "train.lr=0.01,0.001"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"sweep ended before {path.name}: {process.stderr.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"no {path} after {timeout} s")
+        time.sleep(0.02)
+
+
+def test_cli_sweep_killed_and_rerun_equals_an_uninterrupted_sweep(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_CONFIG)
+    first, second = (cell.name for cell in expand_grid(["train.lr=0.01,0.001"], 1))
+
+    killed = tmp_path / "killed"
+    process = start_sweep(config, killed)
+    wait_for(killed / first / "eval.json", process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert not (killed / second / "eval.json").exists()
+    assert not (killed / "results.csv").exists()
+
+    rerun = start_sweep(config, killed)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert f"{first}: skipped (already finished)" in stderr
+    assert f"{second}: done" in stderr
+
+    reference = tmp_path / "reference"  # in-process: the same code path without the CLI
+    results = run_sweep(config, ["train.lr=0.01,0.001"], 1, reference)
+    assert [r.status for r in results] == ["done", "done"]
+    write_report(reference)
+    expected = (reference / "results.csv").read_text()
+    assert "em" in expected.splitlines()[0].split(",")
+    assert (killed / "results.csv").read_text() == expected
