@@ -318,6 +318,8 @@ def plot_metrics(plt, rows: Sequence[dict[str, Any]], path: Path) -> bool:
         return False
     groups = group_cells(rows)
     labels = [cell_label(assignment) for assignment, _ in groups]
+    keys = grid_keys(rows)
+    xlabel = keys[0] if len(keys) == 1 else ""
     ncols = min(3, len(metrics))
     nrows = math.ceil(len(metrics) / ncols)
     width = max(4.0, 0.6 * len(labels) + 2.0)
@@ -329,9 +331,11 @@ def plot_metrics(plt, rows: Sequence[dict[str, Any]], path: Path) -> bool:
         ]
         means = [s.mean if s else math.nan for s in summaries]
         errors = [s.std if s and s.std is not None else 0.0 for s in summaries]
-        ax.bar(range(len(labels)), means, yerr=errors, capsize=3, color="tab:blue")
+        yerr = errors if any(errors) else None  # no caps at zero for single seeds
+        ax.bar(range(len(labels)), means, yerr=yerr, capsize=3, color="tab:blue")
         ax.set_title(metric)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.set_visible(False)
     fig.tight_layout()
