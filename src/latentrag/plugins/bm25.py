@@ -207,7 +207,9 @@ class BM25Index:
         slots = self.dense_slot[token_ids]
         frequent = slots >= 0
         dense_q = query_matrix(slots[frequent], rows[frequent], (n_queries, len(self.dense_rows)))
-        sparse_q = query_matrix(token_ids[~frequent], rows[~frequent], (n_queries, len(self.vocab)))
+        sparse_q = query_matrix(
+            token_ids[~frequent], rows[~frequent], (n_queries, self.weights.shape[0])
+        )
         chunk = max(1, SCORE_BUDGET // self.n_docs)
         indices = np.empty((n_queries, k), dtype=np.int64)
         scores = np.empty((n_queries, k), dtype=np.float32)

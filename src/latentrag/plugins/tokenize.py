@@ -54,13 +54,14 @@ _SUFFIX_RULES: tuple[tuple[str, str, int], ...] = (
     ("ed", "", 3),
     ("ly", "", 3),
     ("es", "", 3),
+    ("ss", "ss", 0),  # "glass" keeps its s
     ("s", "", 3),
 )
 
 
 def stem(word: str) -> str:
     """Strip one common English suffix (a Porter-like step 1, not full Porter)."""
-    if word.endswith("ss") or not word.isalpha():
+    if not word.isalpha():
         return word
     for suffix, replacement, min_stem in _SUFFIX_RULES:
         if word.endswith(suffix) and len(word) - len(suffix) >= min_stem:
