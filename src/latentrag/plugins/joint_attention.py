@@ -29,9 +29,10 @@ PAD_SEGMENT = -1
 class JointPrompt:
     """How passages, question and answer become text; each piece is tokenized on its own.
 
-    passage_bos: start every passage with the tokenizer's BOS token (each passage is encoded
-    as the start of a text). answer_eos: end the answer with EOS (scored like any token).
-    max_passage_tokens: truncate each passage to this many tokens (None: no limit).
+    passage_bos: start every passage with the tokens the tokenizer puts at the start of a
+    text (BOS for Llama, nothing for GPT-2): each passage is encoded as a text of its own.
+    answer_eos: end the answer with EOS (scored like any answer token).
+    max_passage_tokens: truncate each passage's text to this many tokens (None: no limit).
     """
 
     passage: str = "passage: {passage}\n"
@@ -40,6 +41,20 @@ class JointPrompt:
     passage_bos: bool = True
     answer_eos: bool = True
     max_passage_tokens: int | None = None
+
+    @classmethod
+    def from_template(cls, template: str, max_passage_tokens: int | None = None) -> JointPrompt:
+        """Split a one-passage prompt template (e.g. the hf-causal-lm generator's
+        "Context: {passage}\nQuestion: {question}\nAnswer:") after its passage: what comes
+        before and with the passage is repeated per passage, the rest is read once."""
+        cut = template.find("{passage}") + len("{passage}")
+        if cut < len("{passage}") or template.find("{question}") < cut:
+            raise ValueError(f"template {template!r} needs {{passage}} before {{question}}")
+        return cls(
+            passage=template[:cut],
+            question=template[cut:],
+            max_passage_tokens=max_passage_tokens,
+        )
 
 
 @dataclass
@@ -70,11 +85,11 @@ def _tokens(tokenizer, text: str) -> list[int]:
 
 
 def _passage_tokens(tokenizer, text: str, prompt: JointPrompt) -> list[int]:
-    ids = _tokens(tokenizer, prompt.passage.format(passage=text))
     if prompt.max_passage_tokens is not None:
-        ids = ids[: prompt.max_passage_tokens]
-    if prompt.passage_bos and tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id, *ids]
+        text = tokenizer.decode(_tokens(tokenizer, text)[: prompt.max_passage_tokens])
+    ids = _tokens(tokenizer, prompt.passage.format(passage=text))
+    if prompt.passage_bos:
+        ids = tokenizer("")["input_ids"] + ids  # the start-of-text tokens, if any
     return ids
 
 
@@ -203,7 +218,9 @@ def joint_loglik(
     # left padding puts every answer at the end: only the last T+1 positions need logits
     answer_len = int(layout.answer_lengths.max())
     logits = joint_forward(model, layout, doc_log_mask, keep=answer_len + 1)
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    # at least float32 (bfloat16 log-probs are too coarse); float64 stays for gradchecks
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    logprobs = torch.log_softmax(logits, dim=-1)
     layout = layout.to(logprobs.device)
     target_ids = layout.input_ids[:, -answer_len:]
     scored = logprobs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
