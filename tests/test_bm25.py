@@ -115,6 +115,7 @@ def test_batched_retrieve_equals_one_by_one():
     retriever = BM25Retriever()
     retriever.index(toy_corpus())
     questions = [e.question for e in toy_examples()] + ["", "zebra"]
+    assert retriever.retrieve([], 5).indices.shape == (0, 5)
     batched = retriever.retrieve(questions, 5)
     assert batched.indices.dtype == torch.int64 and batched.scores.dtype == torch.float32
     assert batched.indices.shape == (len(questions), 5)
@@ -238,7 +239,7 @@ def test_index_dir_loads_a_matching_index_and_rebuilds_a_stale_one(tmp_path, mon
     first.index(make_corpus(TEXTS))
     assert (tmp_path / "bm25" / "manifest.json").exists()
 
-    def no_build(self, corpus):
+    def no_build(self, corpus, fingerprint=None):
         raise AssertionError("rebuilt an index that matches")
 
     with monkeypatch.context() as patch:
@@ -261,6 +262,19 @@ def test_index_dir_loads_a_matching_index_and_rebuilds_a_stale_one(tmp_path, mon
 def test_load_from_a_directory_without_index(tmp_path):
     with pytest.raises(LatentragError, match="manifest.json: no such file"):
         BM25Retriever().load(tmp_path)
+
+
+def test_a_damaged_index_is_stale(tmp_path):
+    corpus = make_corpus(TEXTS)
+    retriever = BM25Retriever()
+    retriever.index(corpus)
+    retriever.save(tmp_path)
+    (tmp_path / "weights.npz").write_bytes(b"not a zip file")
+    with pytest.raises(StaleIndexError, match="weights.npz: unreadable"):
+        BM25Retriever().load(tmp_path, corpus)
+    (tmp_path / "vocab.json").write_text("[")
+    retriever.save(tmp_path)  # saving again repairs it
+    BM25Retriever().load(tmp_path, corpus)
 
 
 # -- registry and config ----------------------------------------------------------------------

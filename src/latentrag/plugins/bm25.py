@@ -255,12 +255,12 @@ class BM25Retriever(Retriever):
                 return
             except StaleIndexError as exc:
                 log.warning("%s; rebuilding it", exc)
-        self.build(corpus)
+        self.build(corpus, self._fingerprint)
         if directory:
             self.save(Path(directory))
 
-    def build(self, corpus: Corpus) -> None:
-        """Tokenize and weight the whole corpus."""
+    def build(self, corpus: Corpus, fingerprint: str | None = None) -> None:
+        """Tokenize and weight the whole corpus (`fingerprint`: its known fingerprint)."""
         texts = corpus.texts()
         progress = tqdm(
             texts, desc="bm25 index", unit="passage", disable=len(texts) <= PROGRESS_ABOVE
@@ -270,7 +270,7 @@ class BM25Retriever(Retriever):
         ids, lengths = term_ids(docs, vocab, grow=True)
         cfg = self.config
         weights = bm25_weights(ids, lengths, len(vocab), cfg.k1, cfg.b, cfg.epsilon)
-        self._set_index(BM25Index(weights, vocab), corpus.fingerprint())
+        self._set_index(BM25Index(weights, vocab), fingerprint or corpus.fingerprint())
 
     def _set_index(self, index: BM25Index, fingerprint: str) -> None:
         self._index = index
@@ -354,14 +354,17 @@ class BM25Retriever(Retriever):
         manifest = _read_json(directory / MANIFEST)
         expected = corpus.fingerprint() if corpus is not None else self._fingerprint
         self._check_manifest(directory, manifest, expected)
-        weights = sp.load_npz(directory / WEIGHTS).tocsr()
+        try:
+            weights = sp.load_npz(directory / WEIGHTS).tocsr().astype(np.float32, copy=False)
+        except (OSError, ValueError) as exc:
+            raise StaleIndexError(
+                f"{directory / WEIGHTS}: unreadable ({exc}); {REBUILD_HINT}"
+            ) from None
         terms = _read_json(directory / VOCAB)
         if weights.shape != (len(terms), manifest["n_docs"]):
             raise StaleIndexError(f"bm25 index {directory} is inconsistent; {REBUILD_HINT}")
         vocab = {term: row for row, term in enumerate(terms)}
-        self._set_index(
-            BM25Index(weights.astype(np.float32), vocab), manifest["corpus_fingerprint"]
-        )
+        self._set_index(BM25Index(weights, vocab), manifest["corpus_fingerprint"])
 
     def _check_manifest(self, directory: Path, manifest: dict, fingerprint: str | None) -> None:
         where = f"stale index {directory}"
