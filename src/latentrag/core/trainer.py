@@ -328,8 +328,8 @@ class Trainer:
                     record["lr"] = self._lrs()
                     record["wall_s"] = self._wall_before + time.perf_counter() - t0
                     log.write(record)
-                    bar.update(1)
                     bar.set_postfix(self._postfix(record), refresh=False)
+                    bar.update(1)
                     # 5. re-encode the corpus with the updated retriever encoders
                     if _every(step, settings.refresh_index_every):
                         self._refresh_indexes()
