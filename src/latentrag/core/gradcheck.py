@@ -114,7 +114,7 @@ def estimator_gradients(
 
 
 def _cosine(a: Tensor, b: Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0).clamp(-1.0, 1.0))
 
 
 def compare(
@@ -125,8 +125,9 @@ def compare(
     rows = []
     for name, estimator in estimators.items():
         cfg = estimator.config
-        exact = exact_gradient(pipeline, batch, cfg.temperature, cfg.loglik)
+        exact = exact_gradient(pipeline, batch, cfg.temperature, cfg.loglik).double()
         grads, forwards = estimator_gradients(pipeline, estimator, batch, seeds)
+        grads = grads.double()
         mean = grads.mean(0)
         norm2 = float(exact.pow(2).sum())
         spread = grads.var(0, unbiased=True).sum() if len(seeds) > 1 else torch.tensor(0.0)
@@ -180,22 +181,21 @@ def run_gradcheck(
     config: ResolvedConfig,
     estimators: Sequence[str],
     seeds: int = 8,
-    examples: int = 4,
+    examples: int | Sequence[Example] = 4,
     corpus: Corpus | None = None,
     dataset: Sequence[Example] | None = None,
 ) -> list[GradcheckRow]:
     """Build the pipeline once and compare each named estimator with the exact gradient.
 
-    The data is passed in by the caller (the CLI reads the config's data section); when
-    `corpus` / `dataset` are None the packaged toy corpus and questions are used. The
-    first `examples` examples form the batch; seeds 0..seeds-1.
+    The caller passes the data (the CLI reads the config's data section): `examples` is
+    either the batch itself or a count taken from the front of `dataset`. When `corpus` /
+    `dataset` are None the packaged toy corpus and questions are used. Seeds 0..seeds-1.
     """
-    if corpus is None or dataset is None:
-        from latentrag.testing import toy_corpus, toy_examples
+    from latentrag.testing import toy_corpus, toy_examples
 
-        corpus = corpus if corpus is not None else toy_corpus()
-        dataset = dataset if dataset is not None else toy_examples()
+    corpus = corpus if corpus is not None else toy_corpus()
+    if isinstance(examples, int):
+        examples = list(dataset if dataset is not None else toy_examples())[:examples]
     pipeline = Pipeline.from_config(config, corpus)
-    batch = Batch(list(dataset)[:examples])
     built = {name: build_estimator(config, name) for name in estimators}
-    return compare(pipeline, built, batch, list(range(seeds)))
+    return compare(pipeline, built, Batch(list(examples)), list(range(seeds)))
