@@ -299,7 +299,9 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     pipeline = make_pipeline(nan_at=3)
     with pytest.raises(TrainingError) as info:
         train(tmp_path, pipeline, steps=5, checkpoint_every=1)
-    assert str(info.value) == "step 3: non-finite loss (nan); training stopped"
+    assert str(info.value) == (
+        f"step 3: non-finite loss (nan); training stopped (last checkpoint: {tmp_path}/ckpt-2)"
+    )
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2]
     assert [line["step"] for line in metric_lines(tmp_path)] == [1, 2]
 
@@ -399,3 +401,17 @@ def test_resume_is_bitwise_identical_with_jsa_bow_and_tiny_llama(tmp_path):
     assert metric_lines(tmp_path / "resumed") == metric_lines(tmp_path / "whole")
     chain = read_checkpoint(tmp_path / "resumed" / "ckpt-4").state["estimator"]
     assert chain == whole.estimator.extra_state()
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    dev = toy_examples()[:3]
+    _, first = train(tmp_path, make_pipeline(), dev=dev, steps=2)
+    lines = metric_lines(tmp_path, drop=())
+    pipeline = make_pipeline(seed=1)
+    _, again = train(tmp_path, pipeline, dev=dev, steps=2, resume=True)
+    assert metric_lines(tmp_path, drop=()) == lines
+    assert again == first
+    assert torch.equal(
+        pipeline.prior.query.weight,
+        read_checkpoint(tmp_path / "ckpt-2").tensors["model"]["prior.query.weight"],
+    )

@@ -145,9 +145,7 @@ def _remove_leftovers(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(
-    root: str | Path, checkpoint: Checkpoint, keep_last: int = KEEP_LAST
-) -> Path:
+def save_checkpoint(root: str | Path, checkpoint: Checkpoint, keep_last: int = KEEP_LAST) -> Path:
     """Write `checkpoint` atomically under root, point `latest` at it, keep the last N."""
     root = Path(root)
     final = checkpoint_path(root, checkpoint.step)

@@ -299,9 +299,7 @@ class Trainer:
             # -- setup: where to start, the metrics log, the progress bar --
             start = self._resume() if resume else self._fresh_start()
             log = MetricsLog(self.out_dir / METRICS_FILE, keep_through=start)
-            bar = tqdm(
-                total=settings.steps, initial=start, desc="train", disable=not self.progress
-            )
+            bar = tqdm(total=settings.steps, initial=start, desc="train", disable=not self.progress)
             t0 = time.perf_counter()
             last_eval: dict[str, float] | None = None
             self._set_mode(training=True)
@@ -309,13 +307,13 @@ class Trainer:
                 for step in range(start + 1, settings.steps + 1):
                     # 1. forward and backward over grad_accum micro-batches
                     self.optimizer.zero_grad(set_to_none=True)
-                    record = {"step": step, **self._accumulate_gradients()}
+                    record = {"step": step, **self._accumulate_gradients(step)}
                     self.last_loss = record["loss"]
                     norms = self._grad_norms()
                     # 2. a non-finite loss or gradient stops the run, or skips the step
                     problem = self._nonfinite(record["loss"], norms)
                     if problem and settings.on_nonfinite == "stop":
-                        raise TrainingError(f"step {step}: {problem}; training stopped")
+                        raise TrainingError(f"step {step}: {problem}; {self._stopped_note()}")
                     if problem:
                         self.skipped_steps += 1
                         self.optimizer.zero_grad(set_to_none=True)
@@ -347,7 +345,8 @@ class Trainer:
                 final_step = max(start, settings.steps)
                 if last_eval is None and self.dev_examples:
                     last_eval = self.evaluate()
-                    log.write({"step": final_step, "eval": last_eval})
+                    if start < settings.steps:  # a finished run, resumed, has its line
+                        log.write({"step": final_step, "eval": last_eval})
             finally:
                 bar.close()
                 log.close()
@@ -371,7 +370,11 @@ class Trainer:
         seed_everything(self.settings.seed)
         return 0
 
-    def _accumulate_gradients(self) -> dict[str, Any]:
+    def _stopped_note(self) -> str:
+        kept = list_checkpoints(self.out_dir)
+        return f"training stopped (last checkpoint: {kept[-1][1] if kept else 'none'})"
+
+    def _accumulate_gradients(self, step: int) -> dict[str, Any]:
         """Forward and backward grad_accum micro-batches; each loss is divided by grad_accum
         so the gradient is that of the mean over the step's examples."""
         accum = self.settings.grad_accum
@@ -385,7 +388,10 @@ class Trainer:
             if out.loss.requires_grad:
                 (out.loss / accum).backward()
             elif math.isfinite(out.loss.item()):
-                raise TrainingError("the estimator returned a loss that has no gradient")
+                raise TrainingError(
+                    f"step {step}: the estimator's loss has no gradient "
+                    f"(roles trained: {', '.join(self.trained_roles)})"
+                )
             loss += out.loss.item() / accum
             for name, value in out.diagnostics.items():
                 key = f"estimator.{name}" if name in _RESERVED else name
@@ -534,9 +540,7 @@ class Trainer:
             )
         except (KeyError, ValueError, RuntimeError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            raise TrainingError(
-                f"{checkpoint.path} does not fit this pipeline: {reason}"
-            ) from None
+            raise TrainingError(f"{checkpoint.path} does not fit this pipeline: {reason}") from None
         self.order = DataOrder(len(self.train_examples), self.settings.seed, **state["position"])
         self.estimator.load_extra_state(state["estimator"])
         self.skipped_steps = state["skipped_steps"]
