@@ -225,11 +225,13 @@ def test_generate_stops_at_newline():
     assert gen.generate(["a", "b", "c"], [["x"], ["y"], ["z"]], 2) == ["Paris", "Rome", ""]
 
 
-def test_generate_restores_training_mode(llama):
-    llama.train()
+@pytest.mark.parametrize("training", [True, False])
+def test_generate_restores_the_model_mode(llama, training):
+    assert not llama.model.training  # built in eval mode, like from_pretrained
+    llama.model.train(training)  # what the trainer toggles
     llama.generate(["q"], [["p"]], max_new_tokens=1)
-    assert llama.training and llama.model.training
-    llama.eval()
+    assert llama.model.training == training
+    llama.model.eval()
 
 
 # -- config and registry -------------------------------------------------------------

@@ -159,6 +159,7 @@ class HFCausalLMGenerator(Generator, nn.Module):
         if self.config.freeze:
             model.requires_grad_(False)
         self.model = model
+        self.train(False)  # like from_pretrained; the trainer switches `model` to training
         self._truncated: dict[str, str] = {}
 
     # -- Component -------------------------------------------------------------------
@@ -324,8 +325,8 @@ class HFCausalLMGenerator(Generator, nn.Module):
             pad_token_id=self.pad_id,
             eos_token_id=self._stop_ids(),
         )
-        was_training = self.training
-        self.eval()
+        was_training = self.model.training  # the trainer toggles the model, not this wrapper
+        self.model.eval()
         try:
             answers: list[str] = []
             for start in range(0, len(prompts), self.config.batch_size):
@@ -333,7 +334,7 @@ class HFCausalLMGenerator(Generator, nn.Module):
                 answers.extend(self._generate_chunk(chunk, settings))
             return answers
         finally:
-            self.train(was_training)
+            self.model.train(was_training)
 
     def _generate_chunk(self, prompts: list[list[int]], settings: GenerationConfig) -> list[str]:
         ids, attention = pad_left(prompts, self.pad_id)
