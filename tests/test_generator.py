@@ -288,6 +288,7 @@ def test_tiny_tokenizer_is_deterministic_and_covers_the_toy_data():
     ids = first(text, add_special_tokens=False)["input_ids"]
     assert first.unk_token_id not in ids
     assert first("unheard-of")["input_ids"][0] == first.bos_token_id
+    assert tiny_tokenizer("zeppelin airship").get_vocab().keys() >= {"zeppelin", "airship"}
 
 
 # -- the packaged SmolLM2 -------------------------------------------------------------

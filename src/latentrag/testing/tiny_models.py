@@ -54,6 +54,8 @@ def tiny_tokenizer(texts_or_vocab: Iterable[str] = ()) -> PreTrainedTokenizerFas
     list of single words is just a list of very short texts. Digits and punctuation are
     split into single characters, so every number is covered.
     """
+    if isinstance(texts_or_vocab, str):
+        texts_or_vocab = [texts_or_vocab]
     vocab = {token: i for i, token in enumerate(tiny_vocabulary(texts_or_vocab))}
     backend = Tokenizer(WordLevel(vocab, unk_token=UNK))
     backend.normalizer = normalizers.Lowercase()
