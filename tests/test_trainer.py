@@ -324,6 +324,20 @@ def test_skip_nonfinite_steps(tmp_path):
     assert adam_steps == {3.0}
 
 
+def test_keeps_the_last_n_checkpoints(tmp_path):
+    trainer = Trainer(
+        make_pipeline(),
+        config(steps=4, checkpoint_every=1),
+        toy_examples(),
+        None,
+        tmp_path,
+        progress=False,
+        keep_last=3,
+    )
+    trainer.train()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3, 4]
+
+
 def test_checkpoint_holds_position_rng_and_estimator_state(tmp_path):
     train(tmp_path, make_pipeline(), steps=2, batch_size=5, checkpoint_every=1)
     checkpoint = read_checkpoint(tmp_path / "ckpt-2")

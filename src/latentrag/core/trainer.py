@@ -169,7 +169,12 @@ def _every(step: int, interval: int) -> bool:
 
 
 class Trainer:
-    """Trains a pipeline's components with its estimator; see the module docstring."""
+    """Trains a pipeline's components with its estimator; see the module docstring.
+
+    eval_qa: also generate answers for EM/F1 at each evaluation (slow with a real LM);
+    keep_last: how many checkpoints to keep. Both default to the config's `train.eval_qa`
+    and `train.keep_last` when it has them, else to False and 2.
+    """
 
     def __init__(
         self,
@@ -179,9 +184,9 @@ class Trainer:
         dev_examples: Sequence[Example] | None = None,
         out_dir: str | Path = "runs/latest",
         *,
-        eval_qa: bool = False,
+        eval_qa: bool | None = None,
         progress: bool = True,
-        keep_last: int = KEEP_LAST,
+        keep_last: int | None = None,
     ) -> None:
         if isinstance(resolved_config, ResolvedConfig):
             self.config_dict = resolved_config.to_dict()
@@ -199,9 +204,10 @@ class Trainer:
         self.train_examples = list(train_examples)
         self.dev_examples = list(dev_examples or [])
         self.out_dir = Path(out_dir)
-        self.eval_qa = eval_qa
+        # train.eval_qa / train.keep_last are read when the config defines them
+        self.eval_qa = getattr(self.settings, "eval_qa", False) if eval_qa is None else eval_qa
+        self.keep_last = keep_last or getattr(self.settings, "keep_last", KEEP_LAST)
         self.progress = progress
-        self.keep_last = keep_last
 
         self.trained_roles = self._trained_roles()
         self.parameters = self._parameters_by_role()
