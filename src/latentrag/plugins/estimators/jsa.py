@@ -111,19 +111,42 @@ class JsaEstimator(SeededEstimator):
         cand, initial_slots = self._with_cached_states(batch, model, cand)
         log_prior = model.prior_logprobs(batch, cand, cfg.temperature)
         log_q = model.posterior_logprobs(batch, cand, cfg.temperature)
-        valid = valid_mask(log_q, cand.mask)
+        run, state_slots = self._e_step(
+            batch, model, cand, log_prior.detach(), log_q.detach(), initial_slots
+        )
+        self._remember(batch, model, cand, state_slots[:, -1])
+        e_forwards = generator_forwards(model) - start
+        loss = self._m_step(batch, model, cand, state_slots, log_prior, log_q)
+        m_forwards = generator_forwards(model) - start - e_forwards
+        return EstimatorOutput(
+            loss=loss,
+            diagnostics=self._diagnostics(run, state_slots, log_q, valid_mask(log_q, cand.mask)),
+            generator_forwards=e_forwards + m_forwards,
+            generator_backwards=m_forwards if torch.is_grad_enabled() else 0,
+        )
 
-        # E-step: proposals from q, weighted by one no-grad pass over the distinct ones
+    def _e_step(
+        self,
+        batch: Batch,
+        model: LatentModel,
+        cand: Candidates,
+        log_prior: Tensor,
+        log_q: Tensor,
+        initial_slots: Tensor,
+    ) -> tuple[ChainRun, Tensor]:
+        """n proposals from q per example, weighted by one no-grad generator pass over the
+        distinct proposals and initial states; returns the run and its states' slots [B,n]."""
         proposals = torch.multinomial(
-            log_q.detach().exp(), cfg.samples, replacement=True, generator=self.rng
+            log_q.exp(), self.config.samples, replacement=True, generator=self.rng
         )
         has_initial = initial_slots >= 0
-        # the chain's initial state joins the scored slots (a repeat proposal when none)
+        # the chain's initial state joins the scored slots (a repeated proposal when none)
         initial_or_repeat = torch.where(has_initial, initial_slots, proposals[:, 0])
         scored = torch.cat([proposals, initial_or_repeat.unsqueeze(1)], dim=1)
         with torch.no_grad():
-            loglik = model.rows_loglik(batch, cand.indices.gather(1, scored), cfg.loglik, False)
-            log_w = log_prior.gather(1, scored) + loglik - log_q.gather(1, scored)
+            rows = cand.indices.gather(1, scored)
+            loglik = model.rows_loglik(batch, rows, self.config.loglik, False)
+        log_w = log_prior.gather(1, scored) + loglik - log_q.gather(1, scored)
         uniforms = torch.rand(proposals.shape, generator=self.rng)
         run = metropolis_independence(log_w[:, :-1], log_w[:, -1], has_initial, uniforms)
         state_slots = torch.where(
@@ -131,23 +154,26 @@ class JsaEstimator(SeededEstimator):
             initial_slots.unsqueeze(1),
             proposals.gather(1, run.states.clamp(min=0)),
         )
-        e_forwards = generator_forwards(model) - start
-        self._remember(batch, model, cand, state_slots[:, -1])
+        return run, state_slots
 
-        # M-step: visit-weighted supervised losses; the generator sees distinct states only
+    def _m_step(
+        self,
+        batch: Batch,
+        model: LatentModel,
+        cand: Candidates,
+        state_slots: Tensor,
+        log_prior: Tensor,
+        log_q: Tensor,
+    ) -> Tensor:
+        """mean_b Σ_h c_h [-log p(y|x,h) - log p(h|x) - log q(h|x,y)], c_h = visits / n."""
         visits = torch.zeros_like(log_q).scatter_add(
-            1, state_slots, torch.full(state_slots.shape, 1.0 / cfg.samples)
+            1, state_slots, torch.full(state_slots.shape, 1.0 / self.config.samples)
         )
-        state_loglik = model.rows_loglik(batch, cand.indices.gather(1, state_slots), cfg.loglik)
-        generator_term = -state_loglik.mean(-1)
+        # [B,n] rows: the pipeline scores each distinct (example, state) once
+        state_rows = cand.indices.gather(1, state_slots)
+        generator_term = -model.rows_loglik(batch, state_rows, self.config.loglik).mean(-1)
         retriever_term = -weighted_sum(visits, log_prior + log_q)
-        m_forwards = generator_forwards(model) - start - e_forwards
-        return EstimatorOutput(
-            loss=(generator_term + retriever_term).mean(),
-            diagnostics=self._diagnostics(run, state_slots, log_q, valid),
-            generator_forwards=e_forwards + m_forwards,
-            generator_backwards=m_forwards if torch.is_grad_enabled() else 0,
-        )
+        return (generator_term + retriever_term).mean()
 
     def _with_cached_states(
         self, batch: Batch, model: LatentModel, cand: Candidates
@@ -185,7 +211,8 @@ class JsaEstimator(SeededEstimator):
         tests = int(run.tested.sum())
         distinct = [len(set(row)) for row in state_slots.tolist()]
         return {
-            "acceptance_rate": float(run.accepted.sum()) / tests if tests else float("nan"),
+            # over the Metropolis tests; a fresh chain of one proposal has none: every move taken
+            "acceptance_rate": float(run.accepted.sum()) / tests if tests else 1.0,
             "distinct_states": sum(distinct) / len(distinct),
             "q_entropy": float(entropy(log_q.detach(), valid).mean()),
         }
