@@ -102,6 +102,16 @@ def test_ragged_passages_are_rejected(llama):
         llama.loglik(["a", "b"], [["x"], ["y", "z"]], ["1", "2"])
 
 
+def test_models_without_logits_to_keep_are_scored_from_full_logits(llama):
+    queries, passages, targets = uneven_batch()
+    fallback = make("tiny-llama", batch_size=4)
+    fallback._keeps_logits = False
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fallback.loglik(queries, passages, targets), llama.loglik(queries, passages, targets)
+        )
+
+
 def test_attention_implementations_agree():
     queries, passages, targets = uneven_batch()
     with torch.no_grad():

@@ -14,6 +14,7 @@ tensor is [n, T, V], never [n, L, V].
 
 from __future__ import annotations
 
+import inspect
 import string
 from collections.abc import Sequence
 from pathlib import Path
@@ -154,6 +155,8 @@ class HFCausalLMGenerator(Generator, nn.Module):
         model, self.tokenizer = load_model_and_tokenizer(self.config)
         if self.tokenizer.eos_token_id is None:
             raise ConfigError(f"generator.model {self.config.model!r}: tokenizer has no eos token")
+        # architectures without it get full logits, sliced afterwards (more memory)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         if self.config.lora is not None:
             model = add_lora(model, self.config.lora, self.config.seed)
         if self.config.freeze:
@@ -289,17 +292,21 @@ class HFCausalLMGenerator(Generator, nn.Module):
         starts = torch.tensor([len(p) - 1 for p in prompts])
         positions = starts[:, None] + torch.minimum(steps[None, :], lengths[:, None] - 1)
         device = self.device
-        logits = self.model(
-            input_ids=ids.to(device),
-            attention_mask=attention.to(device),
-            logits_to_keep=positions.to(device),
-            use_cache=False,
-        ).logits  # [n, T, V]
+        logits = self._logits_at(ids.to(device), attention.to(device), positions.to(device))
         # at least float32 (bfloat16 log-probs are too coarse), float64 kept for gradchecks
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         logprobs = torch.log_softmax(logits, dim=-1)
         picked = logprobs.gather(-1, target.to(device)[..., None]).squeeze(-1)
         return picked.masked_fill(~target_mask.bool().to(device), 0.0)
+
+    def _logits_at(self, ids: Tensor, attention: Tensor, positions: Tensor) -> Tensor:
+        """Logits [n, T, V] at positions [n, T] of each row."""
+        if self._keeps_logits:
+            return self.model(
+                input_ids=ids, attention_mask=attention, logits_to_keep=positions, use_cache=False
+            ).logits
+        logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        return logits.take_along_dim(positions[..., None], dim=1)
 
     # -- generation ------------------------------------------------------------------
 
