@@ -350,9 +350,11 @@ def test_checkpoint_holds_position_rng_and_estimator_state(tmp_path):
 
 def test_eval_and_refresh_happen_on_schedule(tmp_path):
     pipeline = make_pipeline()
+    pipeline.posterior = ToyRetriever()
+    pipeline.posterior.refresh_every = 3  # a retriever's own interval wins (DPR has one)
     dev = toy_examples()[:3]
     _, result = train(tmp_path, pipeline, dev=dev, steps=4, eval_every=2, refresh_index_every=2)
-    assert pipeline.prior.refreshes == 2
+    assert (pipeline.prior.refreshes, pipeline.posterior.refreshes) == (2, 1)
     evals = [line for line in metric_lines(tmp_path) if "eval" in line]
     assert [line["step"] for line in evals] == [2, 4]
     assert set(evals[0]["eval"]) == {"recall@1", "recall@5", "recall@20", "mrr@10"}
@@ -429,3 +431,13 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path):
         pipeline.prior.query.weight,
         read_checkpoint(tmp_path / "ckpt-2").tensors["model"]["prior.query.weight"],
     )
+
+
+def test_warns_when_resume_cannot_match_the_index_refreshes(tmp_path):
+    with pytest.warns(UserWarning, match="checkpoint_every=3 is not a multiple"):
+        Trainer(
+            make_pipeline(),
+            config(checkpoint_every=3, refresh_index_every=2),
+            toy_examples(),
+            out_dir=tmp_path,
+        )

@@ -43,6 +43,7 @@ from .config import PipelineConfig, ResolvedConfig
 from .data import atomic_write_bytes
 from .errors import ConfigError, LatentragError
 from .evaluation import evaluate_qa, evaluate_retrieval
+from .interfaces import Retriever
 from .pipeline import Pipeline
 from .types import Batch, Example
 
@@ -284,15 +285,29 @@ class Trainer:
             )
         return torch.optim.AdamW(groups, lr=self.settings.lr)
 
+    def _refresh_schedule(self) -> list[tuple[Retriever, int]]:
+        """Each distinct retriever (prior, posterior) and every how many steps its corpus is
+        re-encoded: its own `refresh_every` when it sets one (a DPR config key), else
+        train.refresh_index_every."""
+        schedule: dict[int, tuple[Retriever, int]] = {}
+        for retriever in (self.pipeline.prior, self.pipeline.posterior):
+            if retriever is not None and id(retriever) not in schedule:
+                own = getattr(retriever, "refresh_every", 0)
+                every = own if isinstance(own, int) and own > 0 else None
+                schedule[id(retriever)] = (retriever, every or self.settings.refresh_index_every)
+        return list(schedule.values())
+
     def _warn_inexact_resume(self) -> None:
-        every, refresh = self.settings.checkpoint_every, self.settings.refresh_index_every
-        if every and refresh and every % refresh:
-            warnings.warn(
-                f"train.checkpoint_every={every} is not a multiple of "
-                f"train.refresh_index_every={refresh}: a resumed run rebuilds the index from "
-                "the checkpoint's weights, so it will not match an uninterrupted run exactly",
-                stacklevel=3,
-            )
+        every = self.settings.checkpoint_every
+        for retriever, refresh in self._refresh_schedule():
+            if every and refresh and every % refresh:
+                warnings.warn(
+                    f"train.checkpoint_every={every} is not a multiple of the index refresh "
+                    f"interval {refresh} of {type(retriever).__name__}: a resumed run rebuilds "
+                    "the index from the checkpoint's weights, so it will not match an "
+                    "uninterrupted run exactly",
+                    stacklevel=3,
+                )
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -335,8 +350,7 @@ class Trainer:
                     bar.set_postfix(self._postfix(record), refresh=False)
                     bar.update(1)
                     # 5. re-encode the corpus with the updated retriever encoders
-                    if _every(step, settings.refresh_index_every):
-                        self._refresh_indexes()
+                    self._refresh_indexes(step)
                     # 6. evaluate on the dev examples
                     last_eval = None
                     if _every(step, settings.eval_every) and self.dev_examples:
@@ -465,10 +479,15 @@ class Trainer:
         finally:
             self._set_mode(training=True)
 
-    def _refresh_indexes(self) -> None:
-        retrievers = {id(r): r for r in (self.pipeline.prior, self.pipeline.posterior) if r}
+    def _refresh_indexes(self, step: int | None) -> None:
+        """Refresh the retrievers due at `step`; step None: every one that ever refreshes."""
+        due = [
+            retriever
+            for retriever, every in self._refresh_schedule()
+            if (every > 0 if step is None else _every(step, every))
+        ]
         with self._evaluating():
-            for retriever in retrievers.values():
+            for retriever in due:
                 retriever.refresh()
 
     def evaluate(self) -> dict[str, float]:
@@ -552,7 +571,6 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"]
         self.last_loss = math.nan if state["loss"] is None else state["loss"]
         self._wall_before = state["wall_s"]
-        if self.settings.refresh_index_every:
-            self._refresh_indexes()
+        self._refresh_indexes(step=None)
         restore_rng(state["rng"])
         return checkpoint.step
