@@ -228,7 +228,9 @@ class GumbelRerankConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_inner(self) -> GumbelRerankConfig:
-        _validate_inner_config(_inner_spec(self.inner), self.inner_config)
+        inner = _validate_inner_config(_inner_spec(self.inner), self.inner_config)
+        # keep the inner defaults too, so that `config show` prints the full config
+        self.inner_config = inner.model_dump(mode="json", exclude_none=True)
         return self
 
 
