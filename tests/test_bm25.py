@@ -71,6 +71,7 @@ def indexed(texts: list[str], **options) -> BM25Retriever:
 )
 def test_scores_equal_rank_bm25(monkeypatch, dense_share, params):
     monkeypatch.setattr(bm25, "DENSE_ROW_SHARE", dense_share)
+    monkeypatch.setattr(bm25, "WEIGHT_BLOCK", 7)  # several blocks even on a small corpus
     retriever = indexed(TEXTS, **params)
     tokens = retriever.tokenizer
     reference = rank_bm25.BM25Okapi(tokens.batch(TEXTS), **params)

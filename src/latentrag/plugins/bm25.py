@@ -40,6 +40,7 @@ WEIGHTS = "weights.npz"
 VOCAB = "vocab.json"
 PROGRESS_ABOVE = 10_000  # passages: show a progress bar while indexing larger corpora
 SCORE_BUDGET = 1 << 20  # dense scores held at once while searching (floats, cache-sized)
+WEIGHT_BLOCK = 1 << 20  # entries weighted at once while indexing
 DENSE_ROW_SHARE = 1 / 16  # terms in more passages than this share get dense rows
 REBUILD_HINT = "rebuild with `latentrag index build`"
 
@@ -97,6 +98,15 @@ def okapi_idf(doc_freq: np.ndarray, n_docs: int, epsilon: float) -> np.ndarray:
     return idf
 
 
+def term_frequencies(token_ids: np.ndarray, doc_lengths: np.ndarray, vocab_size: int):
+    """[V, N] float32 matrix of term counts (coo -> csr sums the repeated (term, doc) pairs)."""
+    n_docs = len(doc_lengths)
+    doc_of_token = np.repeat(np.arange(n_docs, dtype=np.int32), doc_lengths)
+    ones = np.ones(len(token_ids), dtype=np.float32)
+    counts = sp.coo_matrix((ones, (token_ids, doc_of_token)), shape=(vocab_size, n_docs))
+    return counts.tocsr()
+
+
 def bm25_weights(
     token_ids: np.ndarray,
     doc_lengths: np.ndarray,
@@ -109,18 +119,19 @@ def bm25_weights(
     n_docs = len(doc_lengths)
     if n_docs == 0:
         raise LatentragError("bm25: cannot index an empty corpus")
-    doc_of_token = np.repeat(np.arange(n_docs, dtype=np.int32), doc_lengths)
-    ones = np.ones(len(token_ids), dtype=np.float32)
-    # coo -> csr sums the duplicate (term, doc) pairs: data becomes the term frequency
-    tf = sp.coo_matrix((ones, (token_ids, doc_of_token)), shape=(vocab_size, n_docs)).tocsr()
-    tf.sum_duplicates()
-    idf = okapi_idf(np.diff(tf.indptr), n_docs, epsilon)
+    weights = term_frequencies(token_ids, doc_lengths, vocab_size)
+    doc_freq = np.diff(weights.indptr)
+    idf = okapi_idf(doc_freq, n_docs, epsilon)
     avgdl = doc_lengths.sum() / n_docs
-    term_of_entry = np.repeat(np.arange(vocab_size), np.diff(tf.indptr))
-    freq = tf.data.astype(np.float64)
-    norm = k1 * (1 - b + b * doc_lengths[tf.indices] / avgdl) if avgdl > 0 else k1 * (1 - b)
-    tf.data = (idf[term_of_entry] * freq * (k1 + 1) / (freq + norm)).astype(np.float32)
-    return tf
+    length_norm = k1 * (1 - b + b * doc_lengths / avgdl) if avgdl > 0 else np.zeros(n_docs)
+    term_of_entry = np.repeat(np.arange(vocab_size, dtype=np.int32), doc_freq)
+    # in float64, a block at a time: exact enough to match rank-bm25, and little memory
+    for start in range(0, weights.nnz, WEIGHT_BLOCK):
+        block = slice(start, start + WEIGHT_BLOCK)
+        freq = weights.data[block].astype(np.float64)
+        norm = length_norm[weights.indices[block]]
+        weights.data[block] = idf[term_of_entry[block]] * freq * (k1 + 1) / (freq + norm)
+    return weights
 
 
 def term_ids(
