@@ -9,12 +9,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from transformers import T5Config, T5ForConditionalGeneration
 
 from latentrag.plugins.joint_attention import (
+    FID_TEMPLATE,
     LOG_ZERO,
     PAD_SEGMENT,
     JointPrompt,
+    _fid_encoder_inputs,
+    _fid_labels,
     build_layout,
+    fid_loglik,
     joint_attention_mask,
     joint_forward,
     joint_logits,
@@ -274,3 +279,79 @@ def test_passages_are_truncated_to_max_passage_tokens(tokenizer):
 def test_unequal_passage_counts_are_refused(tokenizer):
     with pytest.raises(ValueError, match="same number of passages"):
         build_layout(tokenizer, ["a", "b"], [["x"], ["y", "z"]], ["1", "2"])
+
+
+# -- Fusion-in-Decoder (encoder-decoder models) -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tokenizer):
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return T5ForConditionalGeneration(config).eval()
+
+
+FID_PASSAGES = [["cats sleep", "dogs bark at the birds"], ["fish swim", "red"]]
+
+
+def reference_fid_loglik(model, tokenizer, queries, passages, targets):
+    """FiD by hand with the model's own 0/1 encoder mask (no document bias)."""
+    ids, mask = _fid_encoder_inputs(tokenizer, queries, passages, FID_TEMPLATE, None)
+    batch, k, width = ids.shape
+    encoded = model.get_encoder()(
+        input_ids=ids.view(batch * k, width), attention_mask=mask.view(batch * k, width)
+    ).last_hidden_state
+    labels = _fid_labels(tokenizer, targets)
+    logits = model(
+        encoder_outputs=(encoded.reshape(batch, k * width, -1),),
+        attention_mask=mask.view(batch, k * width),
+        labels=labels,
+    ).logits
+    picked = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    return torch.where(labels >= 0, picked, 0.0).sum(-1)
+
+
+def test_fid_with_a_unit_mask_equals_the_plain_fid_forward(tokenizer, tiny_t5):
+    got = fid_loglik(tiny_t5, tokenizer, QUERIES, FID_PASSAGES, TARGETS, torch.zeros(2, 2))
+    expected = reference_fid_loglik(tiny_t5, tokenizer, QUERIES, FID_PASSAGES, TARGETS)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_fid_masked_passage_text_does_not_matter(tokenizer, tiny_t5):
+    log_mask = torch.tensor([[0.0, LOG_ZERO], [0.0, LOG_ZERO]])
+    changed = [["cats sleep", "fish"], ["fish swim", "green birds sing in the blue"]]
+    base = fid_loglik(tiny_t5, tokenizer, QUERIES, FID_PASSAGES, TARGETS, log_mask)
+    other = fid_loglik(tiny_t5, tokenizer, QUERIES, changed, TARGETS, log_mask)
+    torch.testing.assert_close(other, base, atol=1e-4, rtol=0)
+    seen = fid_loglik(tiny_t5, tokenizer, QUERIES, changed, TARGETS, torch.zeros(2, 2))
+    assert (seen - base).abs().min() > 1e-4
+
+
+def test_fid_gradient_in_the_log_mask_matches_central_differences(tokenizer, tiny_t5):
+    log_mask = torch.tensor([[-0.3, -1.2], [-2.0, -0.1]], requires_grad=True)
+
+    def total(mask):
+        return fid_loglik(tiny_t5, tokenizer, QUERIES, FID_PASSAGES, TARGETS, mask).sum()
+
+    total(log_mask).backward()
+    eps = 1e-2
+    numeric = torch.zeros_like(log_mask)
+    with torch.no_grad():
+        for index in np.ndindex(*log_mask.shape):
+            step = torch.zeros_like(log_mask)
+            step[index] = eps
+            numeric[index] = (total(log_mask + step) - total(log_mask - step)) / (2 * eps)
+    assert log_mask.grad.abs().max() > 1e-3
+    torch.testing.assert_close(log_mask.grad, numeric, atol=2e-4, rtol=2e-2)

@@ -226,3 +226,84 @@ def joint_loglik(
     scored = logprobs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
     is_answer = layout.answer[:, -answer_len:]
     return torch.where(is_answer, scored, torch.zeros_like(scored)).sum(-1)
+
+
+# -- encoder-decoder models: Fusion-in-Decoder -----------------------------------------
+
+FID_TEMPLATE = "question: {question} context: {passage}"
+
+
+def _fid_encoder_inputs(
+    tokenizer,
+    queries: Sequence[str],
+    passages: Sequence[Sequence[str]],
+    template: str,
+    max_passage_tokens: int | None,
+) -> tuple[Tensor, Tensor]:
+    """Right-padded ids and 0/1 mask [B,K,Lp] of "question + passage k", one text per pair."""
+    texts = []
+    for query, row in zip(queries, passages, strict=True):
+        for text in row:
+            if max_passage_tokens is not None:
+                text = tokenizer.decode(_tokens(tokenizer, text)[:max_passage_tokens])
+            texts.append(template.format(question=query, passage=text))
+    rows = tokenizer(texts)["input_ids"]
+    width = max(len(r) for r in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    shape = (len(queries), len(passages[0]), width)
+    return ids.view(shape), mask.view(shape)
+
+
+def fid_cross_attention_mask(
+    encoder_mask: Tensor, doc_log_mask: Tensor | None, decoder_length: int, dtype: torch.dtype
+) -> Tensor:
+    """The decoder's additive cross-attention mask [B,1,T,K*Lp]: log m_k on passage k's
+    tokens, the dtype's minimum on padding."""
+    batch, k, width = encoder_mask.shape
+    if doc_log_mask is None:
+        doc_log_mask = torch.zeros(batch, k, device=encoder_mask.device)
+    bias = doc_log_mask.to(encoder_mask.device, dtype)[:, :, None].expand(batch, k, width)
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=encoder_mask.device)
+    mask = torch.where(encoder_mask.bool(), bias, blocked).reshape(batch, 1, 1, k * width)
+    return mask.expand(batch, 1, decoder_length, k * width)
+
+
+def fid_loglik(
+    model,
+    tokenizer,
+    queries: Sequence[str],
+    passages: Sequence[Sequence[str]],
+    targets: Sequence[str],
+    doc_log_mask: Tensor | None = None,
+    template: str = FID_TEMPLATE,
+    max_passage_tokens: int | None = None,
+) -> Tensor:
+    """Fusion-in-Decoder log p(answer_b | question_b, all K passages) [B] for a seq2seq model
+    (T5 and the like): the encoder reads each "question + passage" on its own, the decoder
+    cross-attends to all K encodings at once with log m_k added towards passage k."""
+    device = _model_device(model)
+    ids, mask = _fid_encoder_inputs(tokenizer, queries, passages, template, max_passage_tokens)
+    batch, k, width = ids.shape
+    encoded = model.get_encoder()(
+        input_ids=ids.view(batch * k, width).to(device),
+        attention_mask=mask.view(batch * k, width).to(device),
+    ).last_hidden_state
+    fused = encoded.reshape(batch, k * width, -1)
+    labels = _fid_labels(tokenizer, targets).to(device)
+    cross = fid_cross_attention_mask(mask.to(device), doc_log_mask, labels.shape[1], fused.dtype)
+    logits = model(
+        encoder_outputs=(fused,), attention_mask=cross, labels=labels, use_cache=False
+    ).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logprobs = torch.log_softmax(logits, dim=-1)
+    scored = logprobs.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(labels >= 0, scored, torch.zeros_like(scored)).sum(-1)
+
+
+def _fid_labels(tokenizer, targets: Sequence[str]) -> Tensor:
+    """Answer tokens + EOS, right-padded with -100 (ignored)."""
+    rows = [_tokens(tokenizer, t) + [tokenizer.eos_token_id] for t in targets]
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [-100] * (width - len(r)) for r in rows])
