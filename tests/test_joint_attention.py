@@ -1,4 +1,5 @@
-"""The decoder-only joint forward: parallel-encoded passages under a 4-D additive mask."""
+"""Reading K passages at once: the decoder-only joint forward (parallel-encoded passages
+under a 4-D additive mask) and Fusion-in-Decoder for encoder-decoder models."""
 
 from __future__ import annotations
 
@@ -27,21 +28,7 @@ from latentrag.plugins.joint_attention import (
 )
 from latentrag.testing.tiny_models import tiny_gpt2, tiny_llama, tiny_tokenizer
 
-WORDS = [
-    "cats",
-    "dogs",
-    "birds",
-    "fish",
-    "sleep",
-    "bark",
-    "sing",
-    "swim",
-    "red",
-    "blue",
-    "green",
-    "code",
-    "key",
-]
+WORDS = ["cats", "dogs", "birds", "fish", "sleep", "bark", "sing", "swim", "red", "blue", "green"]
 PROMPT = JointPrompt(passage="passage {passage}", question=" question {question} answer")
 IMPLEMENTATIONS = ["eager", "sdpa"]
 

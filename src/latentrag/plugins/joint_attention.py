@@ -9,6 +9,10 @@ That bias is how G-Rerank's document-wise mask enters the generator.
 
 transformers passes a 4-D float ``attention_mask`` [B,1,L,L] to the attention unchanged
 (eager and sdpa alike), so the mask built here is added to the attention scores as is.
+
+Encoder-decoder models (T5) read the passages Fusion-in-Decoder style instead (`fid_loglik`):
+the encoder reads each "question + passage" alone, the decoder cross-attends to all K
+encodings at once, with log m_k added through a float cross-attention mask.
 """
 
 from __future__ import annotations
