@@ -441,3 +441,30 @@ def test_warns_when_resume_cannot_match_the_index_refreshes(tmp_path):
             toy_examples(),
             out_dir=tmp_path,
         )
+
+
+def test_resume_is_bitwise_identical_with_a_refreshed_dense_index(tmp_path):
+    pytest.importorskip("faiss")
+    data = {
+        "retriever": {"name": "dpr", "model": "tiny-random", "refresh_every": 1},
+        "generator": {"name": "hf-causal-lm", "model": "tiny-llama"},
+        "estimator": {"name": "topk", "k": 3},
+        "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 1, "lr": 1e-2},
+    }
+
+    def run(out_dir, steps, resume=False):
+        resolved = resolve(data | {"train": data["train"] | {"steps": steps}})
+        pipeline = Pipeline.from_config(resolved, toy_corpus())
+        trainer = Trainer(pipeline, resolved, toy_examples(), out_dir=out_dir, progress=False)
+        trainer.train(resume=resume)
+        return pipeline
+
+    whole = run(tmp_path / "whole", 2)
+    run(tmp_path / "resumed", 1)
+    resumed = run(tmp_path / "resumed", 2, resume=True)
+    for role in ("prior", "generator"):
+        expected, got = whole.roles()[role].state_dict(), resumed.roles()[role].state_dict()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), role
+    questions = [e.question for e in toy_examples()]
+    assert torch.equal(whole.retrieve(questions, 3).indices, resumed.retrieve(questions, 3).indices)
+    assert metric_lines(tmp_path / "resumed") == metric_lines(tmp_path / "whole")
