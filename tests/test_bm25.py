@@ -273,9 +273,26 @@ def test_a_damaged_index_is_stale(tmp_path):
     (tmp_path / "weights.npz").write_bytes(b"not a zip file")
     with pytest.raises(StaleIndexError, match="weights.npz: unreadable"):
         BM25Retriever().load(tmp_path, corpus)
-    (tmp_path / "vocab.json").write_text("[")
     retriever.save(tmp_path)  # saving again repairs it
     BM25Retriever().load(tmp_path, corpus)
+    (tmp_path / "vocab.json").unlink()
+    with pytest.raises(StaleIndexError, match="vocab.json: unreadable"):
+        BM25Retriever().load(tmp_path, corpus)
+
+
+def test_a_failed_save_leaves_no_half_written_index(tmp_path, monkeypatch):
+    retriever = indexed(TEXTS)
+    retriever.save(tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(bm25.sp, "save_npz", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        retriever.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab.json", "weights.npz"]
+    with pytest.raises(LatentragError, match="manifest.json: no such file"):
+        BM25Retriever().load(tmp_path)
 
 
 # -- registry and config ----------------------------------------------------------------------

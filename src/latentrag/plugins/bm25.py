@@ -14,9 +14,11 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import scipy.sparse as sp
@@ -362,6 +364,8 @@ class BM25Retriever(Retriever):
         The corpus to check against is `corpus`, else the one last given to `index`.
         """
         directory = Path(directory)
+        if not (directory / MANIFEST).is_file():
+            raise LatentragError(f"{directory / MANIFEST}: no such file (not a bm25 index?)")
         manifest = _read_json(directory / MANIFEST)
         expected = corpus.fingerprint() if corpus is not None else self._fingerprint
         self._check_manifest(directory, manifest, expected)
@@ -402,31 +406,23 @@ class BM25Retriever(Retriever):
                 )
 
 
-class _atomic_file:
-    """Write to a temporary file in the target's directory, then os.replace it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self):
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        self.handle = os.fdopen(fd, "wb")
-        return self.handle
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.handle.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.unlink(self.tmp)
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """Write to a temporary file beside `path`, then os.replace it (or remove it on error)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise LatentragError(f"{path}: no such file (not a bm25 index directory?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StaleIndexError(f"{path}: unreadable ({exc}); {REBUILD_HINT}") from None
 
 
