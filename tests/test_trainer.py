@@ -468,3 +468,11 @@ def test_resume_is_bitwise_identical_with_a_refreshed_dense_index(tmp_path):
     questions = [e.question for e in toy_examples()]
     assert torch.equal(whole.retrieve(questions, 3).indices, resumed.retrieve(questions, 3).indices)
     assert metric_lines(tmp_path / "resumed") == metric_lines(tmp_path / "whole")
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    train(tmp_path, make_pipeline(), steps=1)
+    with pytest.raises(TrainingError, match=r"ckpt-1 does not fit this run: .*12 examples.* 6"):
+        train(tmp_path, make_pipeline(), examples=toy_examples()[:6], steps=2, resume=True)
+    with pytest.raises(TrainingError, match=r"ckpt-1 does not fit this run"):
+        train(tmp_path, make_pipeline(generator=False), steps=2, resume=True)

@@ -536,6 +536,7 @@ class Trainer:
         optimizer_tensors, optimizer_meta = flatten_optimizer(self.optimizer.state_dict())
         state = {
             "step": step,
+            "examples": len(self.train_examples),
             "position": self.order.position(),
             "rng": capture_rng(),
             "optimizer": optimizer_meta,
@@ -548,32 +549,39 @@ class Trainer:
         tensors = {"model": model, "optimizer": optimizer_tensors}
         save_checkpoint(self.out_dir, Checkpoint(step, tensors, state), self.keep_last)
 
-    def _resume(self) -> int:
-        checkpoint = load_latest(self.out_dir)
-        if checkpoint is None:
-            warnings.warn(f"no checkpoint in {self.out_dir}: starting from step 0", stacklevel=3)
-            return self._fresh_start()
-        state = checkpoint.state
-        try:
-            for role, component in self._trained_components().items():
-                prefix = role + "."
-                own = {
-                    k[len(prefix) :]: v
-                    for k, v in checkpoint.tensors["model"].items()
-                    if k.startswith(prefix)
-                }
-                component.load_state_dict(own)
-            self.optimizer.load_state_dict(
-                unflatten_optimizer(checkpoint.tensors["optimizer"], state["optimizer"])
+    def _load_weights(self, checkpoint: Checkpoint) -> None:
+        model = checkpoint.tensors["model"]
+        for role, component in self._trained_components().items():
+            prefix = role + "."
+            component.load_state_dict(
+                {k[len(prefix) :]: v for k, v in model.items() if k.startswith(prefix)}
             )
-        except (KeyError, ValueError, RuntimeError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            raise TrainingError(f"{checkpoint.path} does not fit this pipeline: {reason}") from None
+        state = unflatten_optimizer(checkpoint.tensors["optimizer"], checkpoint.state["optimizer"])
+        self.optimizer.load_state_dict(state)
+
+    def _load_progress(self, state: dict[str, Any]) -> None:
+        if state["examples"] != len(self.train_examples):
+            raise ValueError(
+                f"it was trained on {state['examples']} examples, this run has "
+                f"{len(self.train_examples)}"
+            )
         self.order = DataOrder(len(self.train_examples), self.settings.seed, **state["position"])
         self.estimator.load_extra_state(state["estimator"])
         self.skipped_steps = state["skipped_steps"]
         self.last_loss = math.nan if state["loss"] is None else state["loss"]
         self._wall_before = state["wall_s"]
+
+    def _resume(self) -> int:
+        checkpoint = load_latest(self.out_dir)
+        if checkpoint is None:
+            warnings.warn(f"no checkpoint in {self.out_dir}: starting from step 0", stacklevel=3)
+            return self._fresh_start()
+        try:
+            self._load_progress(checkpoint.state)  # first: it checks the examples match
+            self._load_weights(checkpoint)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise TrainingError(f"{checkpoint.path} does not fit this run: {reason}") from None
         self._refresh_indexes(step=None)
-        restore_rng(state["rng"])
+        restore_rng(checkpoint.state["rng"])
         return checkpoint.step
