@@ -8,7 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import random
 from collections.abc import Sequence
+from types import MethodType
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -19,7 +21,8 @@ from torch import Tensor, nn
 from latentrag import hookimpl
 from latentrag.core.config import StrictModel, resolve
 from latentrag.core.errors import ConfigError
-from latentrag.core.interfaces import Reranker
+from latentrag.core.interfaces import Generator, Reranker
+from latentrag.core.pipeline import Pipeline
 from latentrag.core.registry import default_registry
 from latentrag.core.types import Batch, Candidates, Example
 from latentrag.plugins.gumbel_rerank import (
@@ -37,6 +40,7 @@ from latentrag.plugins.gumbel_rerank import (
 )
 from latentrag.plugins.joint_attention import JointPrompt, joint_loglik
 from latentrag.testing.tiny_models import tiny_llama, tiny_tokenizer
+from latentrag.testing.toy import toy_corpus, toy_examples
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -361,3 +365,49 @@ def test_grerank_learns_to_find_the_gold_passage_from_the_lm_loss_alone(bow_regi
     assert after >= 0.9
     assert set(out.diagnostics) == {"mask_entropy", "mask_max", "joint_loglik"}
     assert out.diagnostics["mask_max"] > 0.5 and out.generator_forwards == 16
+
+
+# -- through the pipeline ------------------------------------------------------------------
+
+
+def joint_generator(generator):
+    """The hf-causal-lm generator with `loglik_joint` delegating to `joint_loglik` (the call
+    its integration adds; installed here only when the generator lacks it)."""
+    if type(generator).loglik_joint is not Generator.loglik_joint:
+        return generator
+
+    def loglik_joint(self, queries, passages, targets, doc_log_mask):
+        prompt = JointPrompt.from_template(
+            self.config.prompt_template, self.config.max_passage_tokens
+        )
+        return joint_loglik(
+            self.model, self.tokenizer, queries, passages, targets, doc_log_mask, prompt
+        )
+
+    generator.loglik_joint = MethodType(loglik_joint, generator)
+    return generator
+
+
+def build(kind: str, name: str, **options):
+    spec = default_registry().get(kind, name)
+    return spec.build(spec.config_model.model_validate(options))
+
+
+def test_estimator_through_the_pipeline_trains_only_the_reranker():
+    generator = joint_generator(build("generator", "hf-causal-lm", model="tiny-llama", freeze=True))
+    reranker = build("reranker", "gumbel", inner_config={"model": "tiny-random", "max_length": 48})
+    estimator = build("estimator", "gumbel", k=4, k_keep=2)
+    pipeline = Pipeline(
+        toy_corpus(), build("retriever", "bm25"), generator, reranker=reranker, estimator=estimator
+    )
+    pipeline.index()
+    batch = Batch(toy_examples()[:3])
+    out = estimator.loss(batch, pipeline)
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    out.loss.backward()
+    head = reranker.inner.head.weight
+    assert head.grad is not None and head.grad.abs().sum() > 0
+    assert all(p.grad is None for p in generator.model.parameters())
+    assert out.generator_forwards == 3
+    assert 0 < out.diagnostics["mask_max"] <= 1
+    assert 0 <= out.diagnostics["mask_entropy"] <= np.log(4) + 1e-6
