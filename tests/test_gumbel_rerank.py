@@ -250,6 +250,18 @@ def test_estimator_trains_the_reranker_and_optionally_the_generator():
         GumbelEstimatorConfig(loglik="mean")
 
 
+def test_estimator_noise_stream_resumes_from_its_checkpoint_state():
+    estimator = GumbelEstimator(GumbelEstimatorConfig(seed=3))
+    scores = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
+    estimator.log_mask(scores)
+    state = estimator.extra_state()
+    first = estimator.log_mask(scores)
+    resumed = GumbelEstimator(GumbelEstimatorConfig(seed=3))
+    resumed.load_extra_state(state)
+    assert torch.equal(resumed.log_mask(scores), first)
+    assert not torch.equal(estimator.log_mask(scores), first)
+
+
 class KeyCodeTask:
     """Each example: K passages "key <k> code <c>"; the question names one key; the answer
     is its code. Only the gold passage tells the code, and codes are drawn per example."""

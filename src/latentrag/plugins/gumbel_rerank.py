@@ -30,10 +30,10 @@ from torch import Tensor, nn
 from latentrag import hookimpl
 from latentrag.core.config import StrictModel
 from latentrag.core.errors import LatentragError
-from latentrag.core.interfaces import Estimator, EstimatorOutput, LatentModel, Reranker
+from latentrag.core.interfaces import EstimatorOutput, LatentModel, Reranker
 from latentrag.core.types import Batch
 
-from .estimators.common import EstimatorConfig, generator_forwards
+from .estimators.common import EstimatorConfig, SeededEstimator, generator_forwards
 from .joint_attention import LOG_ZERO
 
 Relaxation = Literal["max", "successive"]
@@ -281,21 +281,26 @@ class GumbelEstimatorConfig(EstimatorConfig):
     seed: int = 0
 
 
-class GumbelEstimator(Estimator):
+class GumbelEstimator(SeededEstimator):
     """G-Rerank: loss = -mean_b log p(y_b | x_b, candidates_b, log M_b) with
     M = relaxed top-k mask of the reranker's scores; only the reranker learns by default.
 
     `temperature` (of the shared estimator keys) is unused: the reranker's scores enter
-    the mask through kappa and tau.
+    the mask through kappa and tau. The Gumbel noise comes from the estimator's own
+    seeded stream, checkpointed with it.
     """
 
     def __init__(self, config: GumbelEstimatorConfig) -> None:
+        super().__init__(config.seed)
         self.config = config
         self.trains = ("reranker", "generator") if config.train_generator else ("reranker",)
-        self.rng = torch.Generator().manual_seed(config.seed)
 
-    def reseed(self, seed: int) -> None:
-        self.rng.manual_seed(seed)
+    def extra_state(self) -> dict:
+        return {"rng": self.rng_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "rng" in state:
+            self.load_rng_state(state["rng"])
 
     def log_mask(self, scores: Tensor, valid: Tensor | None = None) -> Tensor:
         cfg = self.config
