@@ -24,13 +24,14 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
 from latentrag import hookimpl
 from latentrag.core.config import StrictModel
 from latentrag.core.errors import LatentragError
 from latentrag.core.interfaces import EstimatorOutput, LatentModel, Reranker
+from latentrag.core.registry import ComponentSpec, default_registry
 from latentrag.core.types import Batch
 
 from .estimators.common import EstimatorConfig, SeededEstimator, generator_forwards
@@ -191,10 +192,8 @@ def relaxed_log_mask(
 # -- the reranker ----------------------------------------------------------------------
 
 
-def _inner_spec(name: str):
+def _inner_spec(name: str) -> ComponentSpec:
     """The registered inner reranker; never another "gumbel" (a mask over a mask)."""
-    from latentrag.core.registry import default_registry
-
     if name == "gumbel":
         raise ValueError("inner = 'gumbel': the inner reranker must score, not mask")
     try:
@@ -203,7 +202,7 @@ def _inner_spec(name: str):
         raise ValueError(f"inner = {name!r}: {exc}") from None
 
 
-def _validate_inner_config(spec, options: dict[str, Any]):
+def _validate_inner_config(spec: ComponentSpec, options: dict[str, Any]) -> BaseModel:
     try:
         return spec.config_model.model_validate(options)
     except ValidationError as exc:
