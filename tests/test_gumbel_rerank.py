@@ -423,3 +423,14 @@ def test_estimator_through_the_pipeline_trains_only_the_reranker():
     assert out.generator_forwards == 3
     assert 0 < out.diagnostics["mask_max"] <= 1
     assert 0 <= out.diagnostics["mask_entropy"] <= np.log(4) + 1e-6
+
+
+def test_joint_reading_of_one_passage_equals_the_generators_own_loglik():
+    generator = joint_generator(build("generator", "hf-causal-lm", model="tiny-llama"))
+    examples = toy_examples()[:3]
+    corpus = toy_corpus()
+    passages = [[corpus[i].text] for i in range(3)]
+    queries, targets = [e.question for e in examples], [e.target for e in examples]
+    expected = generator.loglik(queries, passages, targets)[:, 0]
+    got = generator.loglik_joint(queries, passages, targets, torch.zeros(3, 1))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
