@@ -168,6 +168,10 @@ def test_masked_passage_text_does_not_matter(tokenizer, impl):
         seen = joint_loglik(model, tokenizer, query, [passages], target, open_mask, PROMPT)
         unseen = joint_loglik(model, tokenizer, query, [base], target, open_mask, PROMPT)
         assert abs(float((seen - unseen).detach())) > 1e-4
+    # a masked passage that becomes the longest still moves the question's positions
+    longest = ["cats sleep in the sun", "dogs bark at red and blue and green birds", "birds sing"]
+    moved = joint_loglik(model, tokenizer, query, [longest], target, log_mask, PROMPT)
+    assert abs(float((moved - reference).detach())) > 1e-6
 
 
 def test_batch_equals_one_example_at_a_time(tokenizer):

@@ -5,7 +5,9 @@ left-padded to the batch's longest. Every passage is encoded as if it started th
 (its position ids restart at 0, it sees only itself, causally); the question and answer
 continue from the longest passage's length and see themselves causally and every
 passage token of passage i with the additive bias ``doc_log_mask[b, i]`` (= log m_i).
-That bias is how G-Rerank's document-wise mask enters the generator.
+That bias is how G-Rerank's document-wise mask enters the generator. With log m_j =
+LOG_ZERO passage j's text no longer matters, except through its length when it is the
+longest passage (the question's positions start after the longest one).
 
 transformers passes a 4-D float ``attention_mask`` [B,1,L,L] to the attention unchanged
 (eager and sdpa alike), so the mask built here is added to the attention scores as is.
