@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -73,10 +75,11 @@ class WrongShape(Retriever):
 
 
 class Restless(WrongShape):
-    """Scores that change from call to call."""
+    """Scores from an unseeded source: they change from instance to instance."""
 
     def retrieve(self, queries, k):
-        scores = torch.rand(len(queries), self.n)
+        noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+        scores = torch.rand(len(queries), self.n, generator=noise)
         top = torch.topk(scores, k)
         return Candidates(top.indices, top.values)
 

@@ -71,8 +71,9 @@ class Retriever(Component, ABC):
     def save(self, directory: Path) -> None:
         """Persist the index (not the trainable weights, which go to checkpoints)."""
 
-    def load(self, directory: Path) -> None:
-        """Load an index written by `save`; refuse one built for another corpus or model."""
+    def load(self, directory: Path, corpus: Corpus | None = None) -> None:
+        """Load an index written by `save` for `corpus` (default: the one last indexed);
+        refuse one built for another corpus or model."""
 
 
 class Reranker(Component, ABC):

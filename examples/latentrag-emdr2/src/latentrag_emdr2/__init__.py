@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from latentrag import hookimpl
@@ -36,6 +35,8 @@ class Emdr2Estimator(Estimator):
         self.config = config
 
     def loss(self, batch: Batch, model: LatentModel) -> EstimatorOutput:
+        import torch  # here, not at the top: `latentrag components` imports plugins
+
         cfg = self.config
         cand = model.candidates(batch, "prior", cfg.k)
         log_prior = model.prior_logprobs(batch, cand, cfg.temperature)
