@@ -41,5 +41,6 @@ def toy_corpus() -> Corpus:
 
 def toy_examples() -> list[Example]:
     return [
-        Example(id=qid, question=q, answers=(a,), gold_ids=(gold,)) for qid, q, a, gold in _QUESTIONS
+        Example(id=qid, question=q, answers=(a,), gold_ids=(gold,))
+        for qid, q, a, gold in _QUESTIONS
     ]
