@@ -55,6 +55,8 @@ class TrainConfig(StrictModel):
     seed: int = 0
     eval_every: int = Field(0, ge=0)
     checkpoint_every: int = Field(0, ge=0)
+    keep_last: int = Field(2, ge=1, description="checkpoints kept in the run folder")
+    eval_qa: bool = Field(False, description="periodic eval also generates answers (EM/F1)")
     refresh_index_every: int = Field(0, ge=0)
     on_nonfinite: Literal["stop", "skip"] = "stop"
 
