@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from latentrag.core.config import resolve  # noqa: E402
-from latentrag.plugins.cross_encoder import (  # noqa: E402
+from latentrag.core.config import resolve
+from latentrag.plugins.cross_encoder import (
     CrossEncoderConfig,
     CrossEncoderReranker,
 )
-from latentrag.testing import toy_corpus, toy_examples  # noqa: E402
+from latentrag.testing import toy_corpus, toy_examples
 
 QUERIES = [e.question for e in toy_examples()[:3]]
 TEXTS = toy_corpus().texts()

@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import faiss
+import numpy as np
+import pytest
+import torch
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from latentrag.core.config import resolve  # noqa: E402
-from latentrag.core.errors import ConfigError, LatentragError  # noqa: E402
-from latentrag.core.types import Corpus, Passage  # noqa: E402
-from latentrag.plugins.dpr import DPRConfig, DPRRetriever  # noqa: E402
-from latentrag.plugins.encoders import load_sentence_encoder  # noqa: E402
-from latentrag.plugins.faiss_index import (  # noqa: E402
+from latentrag.core.config import resolve
+from latentrag.core.errors import ConfigError, LatentragError
+from latentrag.core.types import Corpus, Passage
+from latentrag.plugins.dpr import DPRConfig, DPRRetriever
+from latentrag.plugins.encoders import load_sentence_encoder
+from latentrag.plugins.faiss_index import (
     INDEX_FILE,
     MANIFEST_FILE,
     StaleIndexError,
 )
-from latentrag.testing import toy_corpus, toy_examples  # noqa: E402
+from latentrag.testing import toy_corpus, toy_examples
 
 WORDS = (
     "river city war capital state year king music film church school team game island "
@@ -73,6 +70,7 @@ def test_saved_approximate_index_reloads(tmp_path, kind):
     loaded = tiny(index=kind, index_dir=str(tmp_path))
     loaded.index(corpus)
     assert torch.equal(built.retrieve(QUESTIONS, 5).indices, loaded.retrieve(QUESTIONS, 5).indices)
+    assert torch.equal(loaded._vectors, built._vectors)  # what score() reads, in corpus order
 
 
 def test_index_for_another_corpus_is_refused(tmp_path, corpus):

@@ -63,8 +63,8 @@ class DPRConfig(StrictModel):
     refresh_every: int = Field(
         0,
         ge=0,
-        description="the trainer calls refresh() every N optimizer steps (0: never); "
-        "the retriever never refreshes by itself",
+        description="re-encode the corpus every N optimizer steps (0: never): the trainer "
+        "calls refresh(); the retriever never refreshes by itself",
     )
     seed: int = Field(0, description="weights of 'tiny-random'")
 
