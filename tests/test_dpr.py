@@ -155,30 +155,36 @@ def test_shared_encoders_are_one_module(corpus):
         assert torch.equal(a, b)  # both start from the same weights
 
 
-@pytest.mark.parametrize(
-    ("kind", "options", "expected_type"),
-    [
-        ("ivf", {"nlist": 7, "nprobe": 7}, faiss.IndexIVFFlat),
-        ("hnsw", {"hnsw_m": 16, "ef_search": 64}, faiss.IndexHNSWFlat),
-    ],
-)
-def test_approximate_indexes_agree_with_flat(kind, options, expected_type):
+@pytest.fixture(scope="module")
+def random_search() -> tuple[Corpus, list[str], list[list[int]]]:
+    """A 300-passage random corpus, 20 queries and their exact (flat index) top 5."""
     corpus = random_corpus(300)
     queries = [" ".join(corpus[i].text.split()[:4]) for i in range(0, 300, 15)]
     flat = tiny()
     flat.index(corpus)
+    return corpus, queries, flat.retrieve(queries, 5).indices.tolist()
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "expected_type"),
+    [
+        ("ivf", {"nlist": 7, "nprobe": 4}, faiss.IndexIVFFlat),
+        ("hnsw", {"hnsw_m": 16, "ef_search": 64}, faiss.IndexHNSWFlat),
+    ],
+)
+def test_approximate_indexes_agree_with_flat(random_search, kind, options, expected_type):
+    corpus, queries, exact = random_search
     approximate = tiny(index=kind, **options)
     approximate.index(corpus)
     assert isinstance(approximate._index, expected_type)
-    exact = flat.retrieve(queries, 5).indices.tolist()
     found = approximate.retrieve(queries, 5).indices.tolist()
     overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact, found)])
     assert overlap >= 0.8
 
 
-def test_ivf_with_few_probes_may_return_padding():
+def test_ivf_with_few_probes_may_return_padding(random_search):
     retriever = tiny(index="ivf", nlist=7, nprobe=1)
-    retriever.index(random_corpus(300))
+    retriever.index(random_search[0])
     candidates = retriever.retrieve(QUESTIONS, 300)
     valid = candidates.valid()
     assert not valid.all()  # one list of seven cannot hold every passage
