@@ -69,3 +69,12 @@ def test_resolved_config_round_trips_through_toml():
     again = resolve(tomllib.loads(text))
     assert again.to_dict() == resolved.to_dict()
     assert again.pipeline.train.lrs == {"prior": 1e-5}
+
+
+def test_estimator_needing_a_posterior_is_refused_without_one(tmp_path):
+    text = (
+        '[retriever]\nname = "bm25"\n[generator]\nname = "hf-causal-lm"\n'
+        '[estimator]\nname = "jsa"\n'
+    )
+    with pytest.raises(ConfigError, match=r"posterior: required by estimator 'jsa'"):
+        load_config(write(tmp_path, text))

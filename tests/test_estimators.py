@@ -130,6 +130,8 @@ def test_hf_generator_topk_matches_exact_gradient():
 class TokenModel:
     """A LatentModel stub with fixed prior scores and per-token log-probs, padding included."""
 
+    generator_forwards = 0
+
     def __init__(self, mask: torch.Tensor | None):
         gen = torch.Generator().manual_seed(0)
         self.mask = mask

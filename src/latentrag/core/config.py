@@ -195,9 +195,25 @@ def resolve(
             problems.append(f"{source}: {role}.name: {exc}")
         except ValidationError as exc:
             problems.extend(_errors(source, role, exc))
+    problems.extend(_missing_sections(data, components, source))
     if problems or pipeline is None:
         raise ConfigError("\n".join(problems))
     return ResolvedConfig(pipeline, components, source)
+
+
+def _missing_sections(
+    data: dict[str, Any], components: dict[str, tuple[ComponentSpec, BaseModel]], source: str
+) -> list[str]:
+    """Sections the configured estimator declares in its `requires` but the config lacks."""
+    if "estimator" not in components:
+        return []
+    spec = components["estimator"][0]
+    required = getattr(spec.factory, "requires", ())
+    return [
+        f"{source}: {role}: required by estimator {spec.name!r} (add a [{role}] section)"
+        for role in required
+        if role not in data
+    ]
 
 
 def load_config(

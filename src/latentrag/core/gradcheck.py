@@ -80,9 +80,8 @@ def exact_gradient(
 def reseed(estimator: Estimator, seed: int) -> None:
     """Re-seed torch and the estimator's own generator, and forget any chain state."""
     torch.manual_seed(seed)
-    if hasattr(estimator, "reseed"):
-        estimator.reseed(seed)
-    if getattr(estimator, "persistent", False):
+    estimator.reseed(seed)
+    if estimator.persistent:
         estimator.load_extra_state({})  # empty cache, same (re-seeded) random stream
 
 
@@ -102,7 +101,7 @@ def estimator_gradients(
     gradients, forwards = [], []
     for seed in seeds:
         reseed(estimator, seed)
-        if getattr(estimator, "persistent", False):
+        if estimator.persistent:
             with torch.no_grad():
                 for _ in range(burn_in):
                     estimator.loss(batch, pipeline)

@@ -53,6 +53,9 @@ class Retriever(Component, ABC):
     given question and answer joined into one query string (see `Pipeline`).
     """
 
+    #: re-encode the corpus every this many training steps (0: use train.refresh_index_every)
+    refresh_every: int = 0
+
     @abstractmethod
     def index(self, corpus: Corpus) -> None:
         """Prepare to search `corpus` (build or load an index)."""
@@ -147,11 +150,19 @@ class LatentModel(Protocol):
     def candidates(self, batch: Batch, source: str, k: int) -> Candidates:
         """Candidate passages for the batch: "prior", "posterior" or "union" (deduplicated)."""
 
-    def prior_logprobs(self, batch: Batch, candidates: Candidates) -> Tensor:
-        """log p(h|x) over the candidates [B,K], differentiable."""
+    corpus: Corpus
+    #: running count of (example, passage) pairs the generator has scored
+    generator_forwards: int
 
-    def posterior_logprobs(self, batch: Batch, candidates: Candidates) -> Tensor:
-        """log q(h|x,y) over the candidates [B,K], differentiable."""
+    def prior_logprobs(
+        self, batch: Batch, candidates: Candidates, temperature: float = 1.0
+    ) -> Tensor:
+        """log p(h|x) = log softmax(score/temperature) over the candidates [B,K]."""
+
+    def posterior_logprobs(
+        self, batch: Batch, candidates: Candidates, temperature: float = 1.0
+    ) -> Tensor:
+        """log q(h|x,y) = log softmax(score/temperature) over the candidates [B,K]."""
 
     def loglik(
         self, batch: Batch, candidates: Candidates, reduce: Reduce = "sum", grad: bool = True
@@ -182,14 +193,21 @@ class Estimator(Component, ABC):
 
     #: which components this estimator trains (the trainer freezes the others)
     trains: tuple[str, ...] = ("prior", "generator")
+    #: config sections the estimator cannot work without (checked when a config is resolved)
+    requires: tuple[str, ...] = ("retriever", "generator")
+    #: whether it carries state from one visit of an example to the next (JSA's chains)
+    persistent: bool = False
 
     @abstractmethod
     def loss(self, batch: Batch, model: LatentModel) -> EstimatorOutput:
         """The surrogate loss for `batch` and its diagnostics."""
 
     def extra_state(self) -> dict:
-        """Estimator state to checkpoint (e.g. JSA's persistent chain cache)."""
+        """Estimator state to checkpoint (e.g. JSA's persistent chain cache), JSON-able."""
         return {}
 
     def load_extra_state(self, state: dict) -> None:
-        pass
+        """Restore `extra_state()`; an empty dict forgets any carried state."""
+
+    def reseed(self, seed: int) -> None:
+        """Restart the estimator's own random stream (a no-op for deterministic ones)."""

@@ -29,7 +29,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import (
-    KEEP_LAST,
     Checkpoint,
     capture_rng,
     flatten_optimizer,
@@ -174,7 +173,7 @@ class Trainer:
 
     eval_qa: also generate answers for EM/F1 at each evaluation (slow with a real LM);
     keep_last: how many checkpoints to keep. Both default to the config's `train.eval_qa`
-    and `train.keep_last` when it has them, else to False and 2.
+    and `train.keep_last`.
     """
 
     def __init__(
@@ -205,9 +204,8 @@ class Trainer:
         self.train_examples = list(train_examples)
         self.dev_examples = list(dev_examples or [])
         self.out_dir = Path(out_dir)
-        # train.eval_qa / train.keep_last are read when the config defines them
-        self.eval_qa = getattr(self.settings, "eval_qa", False) if eval_qa is None else eval_qa
-        self.keep_last = keep_last or getattr(self.settings, "keep_last", KEEP_LAST)
+        self.eval_qa = self.settings.eval_qa if eval_qa is None else eval_qa
+        self.keep_last = keep_last or self.settings.keep_last
         self.progress = progress
 
         self.trained_roles = self._trained_roles()
@@ -295,9 +293,8 @@ class Trainer:
         schedule: dict[int, tuple[Retriever, int]] = {}
         for retriever in (self.pipeline.prior, self.pipeline.posterior):
             if retriever is not None and id(retriever) not in schedule:
-                own = getattr(retriever, "refresh_every", 0)
-                every = own if isinstance(own, int) and own > 0 else None
-                schedule[id(retriever)] = (retriever, every or self.settings.refresh_index_every)
+                every = retriever.refresh_every or self.settings.refresh_index_every
+                schedule[id(retriever)] = (retriever, every)
         return list(schedule.values())
 
     def _warn_inexact_resume(self) -> None:

@@ -86,4 +86,4 @@ def weighted_sum(weights: Tensor, values: Tensor) -> Tensor:
 
 def generator_forwards(model: LatentModel) -> int:
     """The pipeline's running count of generator forwards (0 for a model without one)."""
-    return int(getattr(model, "generator_forwards", 0))
+    return model.generator_forwards

@@ -93,6 +93,7 @@ class JsaEstimator(SeededEstimator):
     """
 
     trains = ("prior", "posterior", "generator")
+    requires = ("retriever", "posterior", "generator")
 
     def __init__(self, config: JsaConfig) -> None:
         super().__init__(config.seed)

@@ -45,6 +45,7 @@ class VragEstimator(SeededEstimator):
     """
 
     trains = ("prior", "posterior", "generator")
+    requires = ("retriever", "posterior", "generator")
 
     def __init__(self, config: VragConfig) -> None:
         super().__init__(config.seed)
