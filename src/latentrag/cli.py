@@ -277,5 +277,17 @@ def report(sweep_dir: str) -> None:
         click.echo(f"plot: {plot}")
 
 
+
+@main.command()
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False), default="runs/demo", show_default=True
+)
+def demo(out_dir: str) -> None:
+    """The embedded demo: a sweep of estimators on the shipped SQuAD slice, then its report."""
+    from latentrag.demo import run_demo
+
+    run_demo(Path(out_dir))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
