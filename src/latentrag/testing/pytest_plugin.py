@@ -32,3 +32,21 @@ def tiny_corpus() -> Corpus:
 def tiny_examples() -> list[Example]:
     """Questions about `tiny_corpus`, each with one gold passage."""
     return toy_examples()
+
+
+@pytest.fixture
+def tiny_generator():
+    """The `hf-causal-lm` generator on a tiny random Llama (built in memory, no download)."""
+    from latentrag.plugins.hf_generator import HFCausalLMGenerator, HFGeneratorConfig
+
+    return HFCausalLMGenerator(HFGeneratorConfig(model="tiny-llama"))
+
+
+@pytest.fixture
+def tiny_retriever(tiny_corpus):
+    """A small trainable `bow` retriever, already indexed over `tiny_corpus`."""
+    from latentrag.plugins.bow import BowConfig, BowRetriever
+
+    retriever = BowRetriever(BowConfig())
+    retriever.index(tiny_corpus)
+    return retriever
