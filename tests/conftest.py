@@ -32,6 +32,17 @@ def install_plugin(site: Path, module: str, entry_name: str, version: str = "0.1
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: threads only add synchronisation (10x slower on a loaded 2-core box)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def plugin_site(tmp_path, monkeypatch):
     """A site folder on sys.path (and PYTHONPATH, for subprocesses) to install plugins into."""
     site = tmp_path / "site"

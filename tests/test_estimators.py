@@ -25,13 +25,7 @@ from latentrag.testing.toy_components import TableGenerator, TableRetriever, pos
 T = 0.1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add synchronisation (10x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def table_pipeline(posterior_scale: float = 0.1) -> Pipeline:
