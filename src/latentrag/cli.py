@@ -165,12 +165,14 @@ def evaluate(
     resolved, dataset, pipeline = _setup(config_file, overrides)
     examples = dataset.split(split, limit)
     eval_cfg = resolved.pipeline.eval
-    metrics = evaluate_retrieval(pipeline.prior, dataset.corpus, examples, ks=eval_cfg.recall_at)
+    metrics = evaluate_retrieval(pipeline, dataset.corpus, examples, ks=eval_cfg.recall_at)
     if qa:
         metrics.update(
             evaluate_qa(pipeline, examples, eval_cfg.passages, eval_cfg.max_new_tokens)
         )
-    row = {"retriever": resolved.component("retriever")[0].name, "split": split}
+    roles = [r for r in ("retriever", "reranker") if r in resolved.components]
+    names = [resolved.components[r][0].name for r in roles]
+    row = {"retrieval": " > ".join(names), "split": split}
     row.update({"questions": len(examples), **metrics})
     click.echo(format_table([row]))
 

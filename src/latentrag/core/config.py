@@ -79,6 +79,7 @@ class EvalConfig(StrictModel):
     recall_at: list[int] = Field(default_factory=lambda: [1, 5, 20])
     max_new_tokens: int = Field(16, ge=1)
     passages: int = Field(1, ge=1, description="passages shown to the generator when answering")
+    rerank_pool: int = Field(20, ge=1, description="prior candidates a reranker reorders")
 
 
 class PipelineConfig(StrictModel):

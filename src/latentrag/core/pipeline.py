@@ -61,8 +61,10 @@ class Pipeline:
         posterior: Retriever | None = None,
         reranker: Reranker | None = None,
         estimator: Estimator | None = None,
+        rerank_pool: int = 20,
     ) -> None:
         self.corpus = corpus
+        self.rerank_pool = rerank_pool
         self.prior = retriever
         self.generator = generator
         self.posterior = posterior
@@ -75,7 +77,7 @@ class Pipeline:
     def from_config(cls, config: ResolvedConfig, corpus: Corpus) -> Pipeline:
         """Build every configured component and index the corpus."""
         built = {role: spec.build(cfg) for role, (spec, cfg) in config.components.items()}
-        pipeline = cls(corpus, **built)
+        pipeline = cls(corpus, **built, rerank_pool=config.pipeline.eval.rerank_pool)
         pipeline.index()
         return pipeline
 
@@ -192,13 +194,21 @@ class Pipeline:
 
     @torch.no_grad()
     def retrieve(self, questions: Sequence[str], k: int) -> Candidates:
-        return self.prior.retrieve(list(questions), k)
+        """The k best passages: the prior's, or, with a reranker, the reranker's best k of
+        the prior's top `rerank_pool`."""
+        questions = list(questions)
+        if self.reranker is None:
+            return self.prior.retrieve(questions, k)
+        pool = self.prior.retrieve(questions, min(max(k, self.rerank_pool), len(self.corpus)))
+        scores = self.reranker.score(questions, self.passages(pool.indices)).float()
+        order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+        return Candidates(pool.indices.gather(1, order), scores.gather(1, order))
 
     @torch.no_grad()
     def predict(self, batch: Batch, passages: int = 1, max_new_tokens: int = 16) -> list[str]:
-        """Answer each question from the prior's top passages."""
+        """Answer each question from its top passages (see `retrieve`)."""
         assert self.generator is not None, "no [generator] configured"
-        top = self.prior.retrieve(batch.questions, passages)
+        top = self.retrieve(batch.questions, passages)
         return self.generator.generate(batch.questions, self.passages(top.indices), max_new_tokens)
 
 

@@ -36,9 +36,9 @@ def train_run(
     dev_examples = dataset.split("dev", settings.data.max_eval)
     ks = settings.eval.recall_at
 
-    before = evaluate_retrieval(pipeline.prior, dataset.corpus, dev_examples, ks=ks)
+    before = evaluate_retrieval(pipeline, dataset.corpus, dev_examples, ks=ks)
     Trainer(pipeline, resolved, train_examples, dev_examples, out_dir).train(resume=resume)
-    after = evaluate_retrieval(pipeline.prior, dataset.corpus, dev_examples, ks=ks)
+    after = evaluate_retrieval(pipeline, dataset.corpus, dev_examples, ks=ks)
     if pipeline.generator is not None:
         qa = evaluate_qa(
             pipeline, dev_examples, settings.eval.passages, settings.eval.max_new_tokens

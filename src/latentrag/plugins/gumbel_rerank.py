@@ -289,6 +289,8 @@ class GumbelEstimator(SeededEstimator):
     seeded stream, checkpointed with it.
     """
 
+    requires = ("retriever", "reranker", "generator")
+
     def __init__(self, config: GumbelEstimatorConfig) -> None:
         super().__init__(config.seed)
         self.config = config

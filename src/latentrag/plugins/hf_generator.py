@@ -31,6 +31,7 @@ from latentrag.core.errors import ConfigError
 from latentrag.core.interfaces import Generator, Reduce
 
 from . import smollm2
+from .joint_attention import JointPrompt, joint_loglik
 
 DEFAULT_TEMPLATE = "Context: {passage}\nQuestion: {question}\nAnswer:"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
@@ -316,6 +317,22 @@ class HFCausalLMGenerator(Generator, nn.Module):
         if len(newline) == 1:
             stops.append(newline[0])
         return stops
+
+    def loglik_joint(
+        self,
+        queries: Sequence[str],
+        passages: Sequence[Sequence[str]],
+        targets: Sequence[str],
+        doc_log_mask: Tensor,
+    ) -> Tensor:
+        """All K passages read at once, passage k's attention biased by doc_log_mask[:, k]
+        (parallel encoding; see `joint_attention`)."""
+        prompt = JointPrompt.from_template(
+            self.config.prompt_template, self.config.max_passage_tokens
+        )
+        return joint_loglik(
+            self.model, self.tokenizer, queries, passages, targets, doc_log_mask, prompt
+        )
 
     @torch.no_grad()
     def generate(
