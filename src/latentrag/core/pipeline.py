@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .interfaces import Estimator, Generator, Reduce, Reranker, Retriever
+from .loglik_cache import active_cache, generator_identity
 from .types import Batch, Candidates, Corpus
 
 if TYPE_CHECKING:
@@ -162,9 +163,20 @@ class Pipeline:
         queries = [batch.examples[b].question for b, _ in pairs]
         targets = [batch.examples[b].target for b, _ in pairs]
         passages = [[self._texts[r]] for _, r in pairs]
-        self.generator_forwards += len(pairs)
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            flat = self.generator.loglik(queries, passages, targets, reduce=reduce)[:, 0]
+
+        def score(queries: list[str], passages: list[list[str]], targets: list[str]) -> Tensor:
+            self.generator_forwards += len(queries)
+            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                return self.generator.loglik(queries, passages, targets, reduce=reduce)[:, 0]
+
+        # a frozen generator's scores never change: the active cache (if any) remembers them
+        cache = active_cache()
+        identity = generator_identity(self.generator) if cache is not None else None
+        if cache is None or identity is None:
+            flat = score(queries, passages, targets)
+        else:
+            texts = [p for (p,) in passages]
+            flat = cache.loglik(identity, queries, texts, targets, reduce, score)
         gather = torch.tensor(
             [slot.get((b, r), 0) for (b, r), _ in _cells(rows, valid)], dtype=torch.long
         ).view(rows.shape)
