@@ -26,9 +26,12 @@ def train_run(
     from .pipeline import Pipeline
     from .trainer import Trainer
 
+    from .distributed import is_main  # under torchrun, only rank 0 writes files
+
     settings = resolved.pipeline
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / "config.toml", dumps(resolved.to_dict()).encode("utf-8"))
+    if is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_dir / "config.toml", dumps(resolved.to_dict()).encode("utf-8"))
 
     dataset = load_dataset(settings.data, base=config_path.parent)
     pipeline = Pipeline.from_config(resolved, dataset.corpus)
@@ -47,5 +50,6 @@ def train_run(
 
     result = {**after, **{f"{k} (before)": v for k, v in before.items()}}
     text = json.dumps(result, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(out_dir / EVAL_FILE, text.encode("utf-8"))
+    if is_main():
+        atomic_write_bytes(out_dir / EVAL_FILE, text.encode("utf-8"))
     return result

@@ -8,6 +8,10 @@ Training is deterministic on CPU: the data order of epoch e is a permutation see
 to an uninterrupted one. (With a dense retriever refreshed every N steps, this also needs
 checkpoint_every to be a multiple of N: on resume the index is rebuilt from the restored
 weights, which equals the uninterrupted run's index only if it was refreshed at that step.)
+
+Under ``torchrun`` the trainer is data-parallel (see `distributed`): each rank trains on its
+share of every global batch, gradients and logged numbers are averaged over the ranks, and
+only rank 0 writes files; its checkpoints hold every rank's RNG and estimator state.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import (
     Checkpoint,
     capture_rng,
@@ -165,6 +170,16 @@ def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
+class _NoLog:
+    """The metrics log of a rank that writes no files."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 # -- the trainer ---------------------------------------------------------------------------
 
 
@@ -188,8 +203,10 @@ class Trainer:
         progress: bool = True,
         keep_last: int | None = None,
     ) -> None:
+        source = "<config>"
         if isinstance(resolved_config, ResolvedConfig):
             self.config_dict = resolved_config.to_dict()
+            source = resolved_config.source
             resolved_config = resolved_config.pipeline
         else:
             self.config_dict = resolved_config.model_dump(mode="json")
@@ -207,10 +224,17 @@ class Trainer:
         self.eval_qa = self.settings.eval_qa if eval_qa is None else eval_qa
         self.keep_last = keep_last or self.settings.keep_last
         self.progress = progress
+        self.source = source
+        self._check_k()
+        distributed.init_from_env()
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        self._check_batch_divides()
 
         self.trained_roles = self._trained_roles()
         self.parameters = self._parameters_by_role()
         self._freeze_untrained()
+        distributed.broadcast_parameters(p for _, p in self._trained_parameters())
         self.optimizer = self._build_optimizer()
         self.order = DataOrder(len(self.train_examples), self.settings.seed)
         self._warn_inexact_resume()
@@ -219,6 +243,26 @@ class Trainer:
         self._wall_before = 0.0
 
     # -- setup helpers ---------------------------------------------------------------------
+
+    def _check_k(self) -> None:
+        """An estimator asking for more candidates than the corpus has fails at step 1 deep
+        in a retriever; say so now, naming the key."""
+        k = getattr(getattr(self.estimator, "config", None), "k", None)
+        size = len(self.pipeline.corpus)
+        if isinstance(k, int) and k > size:
+            raise ConfigError(
+                f"{self.source}: estimator.k: {k} is larger than the corpus ({size} passages)"
+            )
+
+    def _check_batch_divides(self) -> None:
+        if self.settings.batch_size % self.world:
+            raise ConfigError(
+                f"{self.source}: train.batch_size: {self.settings.batch_size} does not divide "
+                f"among the {self.world} processes (WORLD_SIZE); use a multiple of {self.world}"
+            )
+
+    def _trained_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [named for role in self.trained_roles for named in self.parameters[role]]
 
     def _trained_roles(self) -> list[str]:
         """Roles the estimator trains, plus the estimator's own modules (e.g. a baseline)."""
@@ -315,12 +359,17 @@ class Trainer:
         """Run to `train.steps` optimizer steps (from the latest good checkpoint when
         resume=True) and return the final loss, step count and dev metrics."""
         settings = self.settings
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         with deterministic_algorithms():
             # -- setup: where to start, the metrics log, the progress bar --
             start = self._resume() if resume else self._fresh_start()
-            log = MetricsLog(self.out_dir / METRICS_FILE, keep_through=start)
-            bar = tqdm(total=settings.steps, initial=start, desc="train", disable=not self.progress)
+            log = self._metrics_log(start)
+            # disable=None: no bar when stderr is not a terminal (logs, tests)
+            show = self.progress and self.is_main
+            bar = tqdm(
+                total=settings.steps, initial=start, desc="train", disable=None if show else True
+            )
             t0 = time.perf_counter()
             last_eval: dict[str, float] | None = None
             self._set_mode(training=True)
@@ -353,7 +402,7 @@ class Trainer:
                     self._refresh_indexes(step)
                     # 6. evaluate on the dev examples
                     last_eval = None
-                    if _every(step, settings.eval_every) and self.dev_examples:
+                    if _every(step, settings.eval_every) and self.dev_examples and self.is_main:
                         last_eval = self.evaluate()
                         log.write({"step": step, "eval": last_eval})
                     # 7. checkpoint (wall time included, so that resume continues the clock)
@@ -363,7 +412,7 @@ class Trainer:
                         self._save(step)
                 # -- cleanup: a final dev evaluation unless the last step had one --
                 final_step = max(start, settings.steps)
-                if last_eval is None and self.dev_examples:
+                if last_eval is None and self.dev_examples and self.is_main:
                     last_eval = self.evaluate()
                     if start < settings.steps:  # a finished run, resumed, has its line
                         log.write({"step": final_step, "eval": last_eval})
@@ -380,6 +429,11 @@ class Trainer:
 
     # -- loop helpers -----------------------------------------------------------------------
 
+    def _metrics_log(self, start: int) -> MetricsLog | _NoLog:
+        if not self.is_main:
+            return _NoLog()
+        return MetricsLog(self.out_dir / METRICS_FILE, keep_through=start)
+
     def _fresh_start(self) -> int:
         existing = list_checkpoints(self.out_dir)
         if existing:
@@ -387,8 +441,16 @@ class Trainer:
                 f"{self.out_dir} already holds checkpoints (newest {existing[-1][1].name}); "
                 "resume from them or train into another directory"
             )
-        seed_everything(self.settings.seed)
+        self._seed_rank_streams()
         return 0
+
+    def _seed_rank_streams(self) -> None:
+        """Seed the global RNGs; ranks other than 0 get their own streams (also the
+        estimator's), so that they do not draw the same noise for different examples."""
+        seed = distributed.rank_seed(self.settings.seed, self.rank)
+        seed_everything(seed)
+        if self.rank:
+            self.estimator.reseed(seed)
 
     def _stopped_note(self) -> str:
         kept = list_checkpoints(self.out_dir)
@@ -401,8 +463,10 @@ class Trainer:
         loss = 0.0
         diagnostics: dict[str, float] = {}
         counts = {"generator_forwards": 0, "generator_backwards": 0}
+        chains_before = self._example_state_before()
         for _ in range(accum):
-            rows = self.order.take(self.settings.batch_size)
+            rows = self.order.take(self.settings.batch_size)  # the same on every rank
+            rows = distributed.shard(rows, self.rank, self.world)
             batch = Batch([self.train_examples[i] for i in rows])
             out = self.estimator.loss(batch, self.pipeline)
             if out.loss.requires_grad:
@@ -418,7 +482,19 @@ class Trainer:
                 diagnostics[key] = diagnostics.get(key, 0.0) + float(value) / accum
             counts["generator_forwards"] += out.generator_forwards
             counts["generator_backwards"] += out.generator_backwards
-        return {"loss": loss, **diagnostics, **counts}
+        if self.world == 1:
+            return {"loss": loss, **diagnostics, **counts}
+        distributed.average_gradients([p for _, p in self._trained_parameters()])
+        if chains_before is not None:
+            merged = distributed.merge_example_state(chains_before, self.estimator.extra_state())
+            self.estimator.load_extra_state(merged)
+        return distributed.reduce_metrics({"loss": loss, **diagnostics, **counts}, summed=counts)
+
+    def _example_state_before(self) -> dict[str, Any] | None:
+        """A persistent estimator's state before a distributed step (to find its changes)."""
+        if self.world > 1 and self.estimator.persistent:
+            return self.estimator.extra_state()
+        return None
 
     def _grad_norms(self) -> dict[str, Tensor]:
         norms = {}
@@ -525,6 +601,23 @@ class Trainer:
         return {role: roles[role] for role in unique.values()}
 
     def _save(self, step: int) -> None:
+        """Rank 0 writes the checkpoint; every rank raises if that failed."""
+        ranks = distributed.gather(
+            {"rng": capture_rng(), "estimator": self.estimator.extra_state()}
+        )
+        failure = None
+        if self.is_main:
+            try:
+                self._write_checkpoint(step, ranks)
+            except LatentragError as exc:
+                failure = exc
+        message = distributed.from_main(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise TrainingError(message)
+
+    def _write_checkpoint(self, step: int, ranks: list[dict[str, Any]]) -> None:
         model = {
             f"{role}.{key}": value
             for role, component in self._trained_components().items()
@@ -543,6 +636,8 @@ class Trainer:
             "wall_s": self._wall_before,
             "config": json.loads(json.dumps(self.config_dict, default=str)),
         }
+        if self.world > 1:
+            state.update(world_size=self.world, ranks=ranks)
         tensors = {"model": model, "optimizer": optimizer_tensors}
         save_checkpoint(self.out_dir, Checkpoint(step, tensors, state), self.keep_last)
 
@@ -563,7 +658,7 @@ class Trainer:
                 f"{len(self.train_examples)}"
             )
         self.order = DataOrder(len(self.train_examples), self.settings.seed, **state["position"])
-        self.estimator.load_extra_state(state["estimator"])
+        self.estimator.load_extra_state(self._rank_state(state)["estimator"])
         self.skipped_steps = state["skipped_steps"]
         self.last_loss = math.nan if state["loss"] is None else state["loss"]
         self._wall_before = state["wall_s"]
@@ -580,5 +675,21 @@ class Trainer:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             raise TrainingError(f"{checkpoint.path} does not fit this run: {reason}") from None
         self._refresh_indexes(step=None)
-        restore_rng(checkpoint.state["rng"])
+        restore_rng(self._rank_state(checkpoint.state)["rng"])
+        if self.rank and len(checkpoint.state.get("ranks", [])) != self.world:
+            self._seed_rank_streams()  # another process count: new streams, inexact resume
         return checkpoint.step
+
+    def _rank_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's RNG and estimator state in a checkpoint (rank 0's when the checkpoint
+        was written by another number of processes)."""
+        ranks = state.get("ranks", [])
+        if len(ranks) == self.world:
+            return ranks[self.rank]
+        if (ranks or self.world > 1) and self.is_main:
+            warnings.warn(
+                f"the checkpoint was written by {max(len(ranks), 1)} process(es), this run "
+                f"has {self.world}: the resumed run will not match an uninterrupted one",
+                stacklevel=4,
+            )
+        return {"rng": state["rng"], "estimator": state["estimator"]}

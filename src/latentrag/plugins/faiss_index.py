@@ -25,7 +25,8 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
 IndexType = Literal["flat", "ivf", "hnsw"]
-REBUILD_HINT = "rebuild it with `latentrag index build CONFIG` (or delete the directory)"
+#: `index build` loads an existing index too, so a stale one must be deleted first
+REBUILD_HINT = "delete the directory, then rebuild it with `latentrag index build CONFIG`"
 
 
 class StaleIndexError(LatentragError):
@@ -186,7 +187,12 @@ def load_index(directory: Path, expected: IndexManifest, options: IndexOptions) 
     difference = manifest.difference(expected)
     if difference is not None:
         raise StaleIndexError(f"index in {directory} was built from {difference}; {REBUILD_HINT}")
-    index = faiss.read_index(str(directory / INDEX_FILE))
+    try:
+        index = faiss.read_index(str(directory / INDEX_FILE))
+    except RuntimeError:  # faiss reports a truncated file in a multi-line C++ message
+        raise StaleIndexError(
+            f"{directory / INDEX_FILE}: unreadable faiss index (truncated?); {REBUILD_HINT}"
+        ) from None
     if index.ntotal != manifest.num_vectors or index.d != manifest.dims:
         raise StaleIndexError(f"index in {directory} does not match its manifest; {REBUILD_HINT}")
     configure_search(index, options)
