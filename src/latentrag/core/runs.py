@@ -22,11 +22,10 @@ def train_run(
     resolved: ResolvedConfig, config_path: Path, out_dir: Path, resume: bool = False
 ) -> dict[str, float]:
     """Train, evaluate before and after on the dev split, and write the run folder."""
+    from .distributed import is_main  # under torchrun, only rank 0 writes files
     from .evaluation import evaluate_qa, evaluate_retrieval
     from .pipeline import Pipeline
     from .trainer import Trainer
-
-    from .distributed import is_main  # under torchrun, only rank 0 writes files
 
     settings = resolved.pipeline
     if is_main():
