@@ -71,7 +71,7 @@ def rank_seed(seed: int, rank: int) -> int:
     if rank == 0:
         return seed
     digest = hashlib.sha256(f"latentrag-rank:{seed}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return int.from_bytes(digest[:4], "little")  # numpy takes seeds below 2**32
 
 
 def shard(rows: Sequence[T], rank: int, world: int) -> list[T]:
