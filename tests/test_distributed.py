@@ -1,0 +1,140 @@
+"""Data-parallel training under torchrun (gloo on CPU): two processes sharing each global
+batch take the same steps as one process reading the whole batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from click.testing import CliRunner
+
+from latentrag.cli import main
+from latentrag.core import distributed
+from latentrag.core.checkpoint import read_checkpoint
+from latentrag.testing import toy_examples
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+CONFIG = """\
+[data]
+source = "toy"
+[retriever]
+name = "bow"
+dim = 16
+buckets = 256
+{posterior}
+[generator]
+name = "hf-causal-lm"
+model = "tiny-llama"
+[estimator]
+{estimator}
+[train]
+steps = {steps}
+batch_size = 4
+checkpoint_every = 2
+lr = 1e-3
+"""
+TOPK = 'name = "topk"\nk = 3'
+JSA = 'name = "jsa"\nk = 3\nsamples = 2'
+POSTERIOR = '[posterior]\nname = "bow"\ndim = 16\nbuckets = 256\nseed = 1'
+
+
+def write_config(folder: Path, estimator: str, posterior: str = "", steps: int = 4) -> Path:
+    path = folder / "config.toml"
+    path.write_text(CONFIG.format(estimator=estimator, posterior=posterior, steps=steps))
+    return path
+
+
+def torchrun(config: Path, out: Path) -> subprocess.CompletedProcess:
+    command = [str(TORCHRUN), "--nproc_per_node=2", "--standalone", "-m", "latentrag.cli"]
+    result = subprocess.run(
+        [*command, "train", str(config), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def metric_lines(run: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k != "wall_s"} for line in lines]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    config = write_config(tmp_path, TOPK)
+    torchrun(config, tmp_path / "two")
+    alone = CliRunner().invoke(main, ["train", str(config), "--out", str(tmp_path / "one")])
+    assert alone.exit_code == 0, alone.output
+
+    final = "ckpt-4/model.safetensors"
+    one = safetensors.torch.load((tmp_path / "one" / final).read_bytes())
+    two = safetensors.torch.load((tmp_path / "two" / final).read_bytes())
+    assert one.keys() == two.keys()
+    for key in one:
+        assert not torch.equal(one[key], torch.zeros_like(one[key])), key
+        assert torch.allclose(one[key], two[key], rtol=0, atol=1e-5), key
+    # rank 0 alone wrote the log: one line per step (averaged over ranks) and the eval line
+    lines_one, lines_two = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
+    assert [line["step"] for line in lines_two] == [1, 2, 3, 4, 4]
+    for a, b in zip(lines_one[:4], lines_two[:4]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["generator_forwards"] == a["generator_forwards"]  # a total, not a mean
+    assert lines_two[-1]["eval"] == pytest.approx(lines_one[-1]["eval"], abs=1e-6)
+    state = read_checkpoint(tmp_path / "two" / "ckpt-4").state
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert state["position"] == {"epoch": 1, "index": 4}  # 16 examples of 12 drawn in all
+
+
+def test_jsa_chains_stay_whole_on_every_rank(tmp_path):
+    config = write_config(tmp_path, JSA, POSTERIOR, steps=2)
+    torchrun(config, tmp_path / "run")
+    ranks = read_checkpoint(tmp_path / "run" / "ckpt-2").state["ranks"]
+    caches = [rank["estimator"]["cache"] for rank in ranks]
+    # 2 steps of 4 examples, two per rank: every visited example's chain is on both ranks
+    visited = 8
+    assert len(caches[0]) == visited and caches[0] == caches[1]
+    assert set(caches[0]) <= {e.id for e in toy_examples()}
+    assert ranks[0]["estimator"]["rng"] != ranks[1]["estimator"]["rng"]  # own noise per rank
+    assert ranks[0]["rng"]["torch"] != ranks[1]["rng"]["torch"]
+
+
+def test_batch_must_divide_among_the_processes(tmp_path, monkeypatch):
+    config = write_config(tmp_path, TOPK)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    result = CliRunner().invoke(
+        main, ["train", str(config), "--out", str(tmp_path / "out"), "--set", "train.batch_size=3"]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        f"error: {config}: train.batch_size: 3 does not divide among the 2 processes "
+        "(WORLD_SIZE); use a multiple of 2"
+    )
+
+
+def test_shards_and_rank_seeds():
+    rows = list(range(8))
+    assert [distributed.shard(rows, r, 2) for r in range(2)] == [rows[:4], rows[4:]]
+    assert distributed.shard(rows, 3, 4) == [6, 7]
+    assert distributed.rank_seed(5, 0) == 5
+    seeds = {distributed.rank_seed(5, r) for r in range(1, 4)}
+    assert len(seeds) == 3 and all(0 <= s < 2**32 for s in seeds)
+
+
+def test_changed_entries_are_the_per_example_updates():
+    before = {"cache": {"a": "p1", "b": "p2"}, "rng": [1, 2]}
+    after = {"cache": {"a": "p1", "b": "p3", "c": "p4"}, "rng": [3, 4]}
+    assert distributed.changed_entries(before, after) == {"cache": {"b": "p3", "c": "p4"}}
+    # alone (no process group) merging is the identity
+    assert distributed.merge_example_state(before, after) == after
