@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import numpy as np
@@ -232,7 +231,9 @@ def test_stale_index_for_another_corpus_is_refused(tmp_path):
         BM25Retriever(BM25Config(k1=2.0)).load(tmp_path, old)
 
 
-def test_index_dir_loads_a_matching_index_and_rebuilds_a_stale_one(tmp_path, monkeypatch, caplog):
+def test_index_dir_loads_a_matching_index_refuses_a_stale_one_and_build_replaces_it(
+    tmp_path, monkeypatch
+):
     config = BM25Config(index_dir=str(tmp_path / "bm25"))
     first = BM25Retriever(config)
     first.index(make_corpus(TEXTS))
@@ -242,16 +243,16 @@ def test_index_dir_loads_a_matching_index_and_rebuilds_a_stale_one(tmp_path, mon
         raise AssertionError("rebuilt an index that matches")
 
     with monkeypatch.context() as patch:
-        patch.setattr(BM25Retriever, "build", no_build)
+        patch.setattr(BM25Retriever, "_build", no_build)
         second = BM25Retriever(config)
         second.index(make_corpus(TEXTS))
     assert torch.equal(second.retrieve(QUERIES, 3).indices, first.retrieve(QUERIES, 3).indices)
 
     changed = make_corpus(TEXTS[:4])
-    with caplog.at_level(logging.WARNING, logger=bm25.__name__):
-        third = BM25Retriever(config)
-        third.index(changed)
-    assert "stale index" in caplog.text
+    with pytest.raises(StaleIndexError, match="rebuild with `latentrag index build`"):
+        BM25Retriever(config).index(changed)
+    third = BM25Retriever(config)
+    third.build(changed)
     assert third.retrieve(["cat"], 4).indices.shape == (1, 4)
     manifest = json.loads((tmp_path / "bm25" / "manifest.json").read_text())
     assert manifest["corpus_fingerprint"] == changed.fingerprint()

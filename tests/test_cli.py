@@ -103,3 +103,17 @@ def test_broken_plugin_is_listed_and_other_commands_work(plugin_site, tmp_path):
     path = tmp_path / "ok.toml"
     path.write_text('[retriever]\nname = "bm25"\n')
     assert run("config", "validate", str(path)).returncode == 0
+
+
+def test_stale_index_is_refused_and_index_build_replaces_it(tmp_path):
+    config = tmp_path / "bm25.toml"
+    config.write_text(
+        f'[data]\nsource = "toy"\n[retriever]\nname = "bm25"\nindex_dir = "{tmp_path}/ix"\n'
+    )
+    assert run("index", "build", str(config)).returncode == 0
+    slice_data = ("--set", "data.source=squad-slice")
+    assert_one_line_error(run("evaluate", str(config), *slice_data), "stale index", "index build")
+    rebuilt = run("index", "build", str(config), *slice_data)
+    assert rebuilt.returncode == 0 and "indexed 300 passages" in rebuilt.stdout
+    evaluated = run("evaluate", str(config), *slice_data)
+    assert evaluated.returncode == 0 and "| bm25 " in evaluated.stdout

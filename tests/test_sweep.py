@@ -28,6 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CONFIG = """\
 [retriever]
 name = "bm25"
+[posterior]
+name = "bm25"
+[generator]
+name = "hf-causal-lm"
+model = "tiny-llama"
 [estimator]
 name = "topk"
 [data]

@@ -139,14 +139,23 @@ def index() -> None:
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @set_option
 def index_build(config_file: str, overrides: tuple[str, ...]) -> None:
-    """Index the config's corpus with its retriever (and posterior); saved where
-    the retriever's `index_dir` says."""
-    resolved, dataset, _ = _setup(config_file, overrides)
-    for role in ("retriever", "posterior"):
-        entry = resolved.component(role)
-        if entry is not None:
-            where = getattr(entry[1], "index_dir", None) or "(memory only: set index_dir)"
-            click.echo(f"{role} {entry[0].name}: {len(dataset.corpus)} passages -> {where}")
+    """(Re)build the indexes of the config's retriever and posterior from scratch, replacing
+    any saved (or stale) index in their `index_dir`."""
+    from latentrag.core.dataset import load_dataset
+    from latentrag.core.pipeline import Pipeline
+
+    resolved = _load(config_file, overrides)
+    dataset = load_dataset(resolved.pipeline.data, base=Path(config_file).parent)
+    pipeline = Pipeline.from_config(resolved, dataset.corpus, index=False)
+    built = set()
+    for role, retriever in (("retriever", pipeline.prior), ("posterior", pipeline.posterior)):
+        if retriever is None or id(retriever) in built:
+            continue
+        built.add(id(retriever))
+        retriever.build(dataset.corpus)
+        spec, settings = resolved.components[role]
+        where = getattr(settings, "index_dir", None) or "memory only: set index_dir to keep it"
+        click.echo(f"{role} {spec.name}: indexed {len(dataset.corpus)} passages ({where})")
 
 
 @main.command()

@@ -34,7 +34,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from .data import atomic_write_bytes
+from .atomic import atomic_write_bytes, fsync_dir
 from .errors import LatentragError
 
 KEEP_LAST = 2
@@ -80,14 +80,6 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 
 # -- writing ----------------------------------------------------------------------------
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> str:
@@ -162,9 +154,9 @@ def save_checkpoint(root: str | Path, checkpoint: Checkpoint, keep_last: int = K
         digests[STATE] = _write_file(tmp / STATE, state)
         manifest = {"format": FORMAT, "step": checkpoint.step, "files": digests}
         _write_file(tmp / MANIFEST, _json_bytes(manifest, "the manifest"))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _install(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         atomic_write_bytes(root / LATEST, f"{final.name}\n".encode())
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,3 +20,7 @@ class UnknownComponentError(LatentragError, KeyError):
 
 class PluginError(LatentragError):
     """A plugin failed to load, or two plugins claim the same component."""
+
+
+class StaleIndexError(LatentragError):
+    """A saved index was built for another corpus, model or settings."""

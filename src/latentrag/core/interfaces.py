@@ -58,7 +58,11 @@ class Retriever(Component, ABC):
 
     @abstractmethod
     def index(self, corpus: Corpus) -> None:
-        """Prepare to search `corpus` (build or load an index)."""
+        """Prepare to search `corpus`: load the index saved for it, or build one."""
+
+    def build(self, corpus: Corpus) -> None:
+        """Build the index from scratch, replacing any saved one (`latentrag index build`)."""
+        self.index(corpus)
 
     @abstractmethod
     def retrieve(self, queries: Sequence[str], k: int) -> Candidates:

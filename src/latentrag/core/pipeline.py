@@ -75,11 +75,12 @@ class Pipeline:
         self.generator_forwards = 0
 
     @classmethod
-    def from_config(cls, config: ResolvedConfig, corpus: Corpus) -> Pipeline:
-        """Build every configured component and index the corpus."""
+    def from_config(cls, config: ResolvedConfig, corpus: Corpus, index: bool = True) -> Pipeline:
+        """Build every configured component and (unless `index` is False) index the corpus."""
         built = {role: spec.build(cfg) for role, (spec, cfg) in config.components.items()}
         pipeline = cls(corpus, **built, rerank_pool=config.pipeline.eval.rerank_pool)
-        pipeline.index()
+        if index:
+            pipeline.index()
         return pipeline
 
     # -- components ------------------------------------------------------------------

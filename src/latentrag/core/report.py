@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import atomic_write_bytes
+from .atomic import atomic_write_bytes
 from .sweep import CELL_FILE, ERROR_FILE, EVAL_FILE, METRICS_FILE, SWEEP_FILE
 from .tables import format_table
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .atomic import atomic_write_bytes
 from .config import ResolvedConfig
-from .data import atomic_write_bytes
 from .dataset import load_dataset
 from .tomlout import dumps
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_bytes
 from .config import ResolvedConfig, load_config, parse_override
-from .data import atomic_write_bytes
 from .errors import ConfigError, LatentragError
 
 SWEEP_FILE = "sweep.json"

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,8 +23,9 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from latentrag import hookimpl
+from latentrag.core.atomic import atomic_file
 from latentrag.core.config import StrictModel
-from latentrag.core.errors import LatentragError
+from latentrag.core.errors import LatentragError, StaleIndexError
 from latentrag.core.interfaces import Retriever
 from latentrag.core.types import Candidates, Corpus
 
@@ -79,10 +76,6 @@ class BM25Config(StrictModel):
             "epsilon": self.epsilon,
             "tokenizer": self.tokenizer().signature(),
         }
-
-
-class StaleIndexError(LatentragError):
-    """A saved index was built for another corpus or with other settings."""
 
 
 # -- building the weight matrix ------------------------------------------------------------
@@ -259,20 +252,21 @@ class BM25Retriever(Retriever):
     # -- indexing ---------------------------------------------------------------------------
 
     def index(self, corpus: Corpus) -> None:
-        """Load the index from `index_dir` when it matches the corpus, else build (and save)."""
+        """Load the index saved in `index_dir` (refusing a stale one), else build and save."""
         self._fingerprint = corpus.fingerprint()
         directory = self.config.index_dir
         if directory and (Path(directory) / MANIFEST).exists():
-            try:
-                self.load(Path(directory))
-                return
-            except StaleIndexError as exc:
-                log.warning("%s; rebuilding it", exc)
-        self.build(corpus, self._fingerprint)
-        if directory:
-            self.save(Path(directory))
+            self.load(Path(directory))
+            return
+        self.build(corpus)
 
-    def build(self, corpus: Corpus, fingerprint: str | None = None) -> None:
+    def build(self, corpus: Corpus) -> None:
+        """Build the index from scratch, overwriting any saved one in `index_dir`."""
+        self._build(corpus, self._fingerprint)
+        if self.config.index_dir:
+            self.save(Path(self.config.index_dir))
+
+    def _build(self, corpus: Corpus, fingerprint: str | None = None) -> None:
         """Tokenize and weight the whole corpus (`fingerprint`: its known fingerprint)."""
         texts = corpus.texts()
         progress = tqdm(
@@ -340,12 +334,12 @@ class BM25Retriever(Retriever):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST).unlink(missing_ok=True)
-        with _atomic_file(directory / WEIGHTS) as handle:
+        with atomic_file(directory / WEIGHTS) as handle:
             sp.save_npz(handle, index.weights, compressed=False)
         terms = sorted(index.vocab, key=index.vocab.__getitem__)
-        with _atomic_file(directory / VOCAB) as handle:
+        with atomic_file(directory / VOCAB) as handle:
             handle.write(json.dumps(terms, ensure_ascii=False).encode("utf-8"))
-        with _atomic_file(directory / MANIFEST) as handle:
+        with atomic_file(directory / MANIFEST) as handle:
             handle.write(json.dumps(self._manifest(), indent=2).encode("utf-8"))
 
     def _manifest(self) -> dict[str, object]:
@@ -404,19 +398,6 @@ class BM25Retriever(Retriever):
                     f"{where}: built with {key}={stored.get(key)!r}, this config has "
                     f"{key}={wanted.get(key)!r}; {REBUILD_HINT}"
                 )
-
-
-@contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """Write to a temporary file beside `path`, then os.replace it (or remove it on error)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _read_json(path: Path):

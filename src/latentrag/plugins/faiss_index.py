@@ -10,8 +10,6 @@ written after the index, so an interrupted save leaves no manifest and is rebuil
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,7 +17,8 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from latentrag.core.errors import LatentragError
+from latentrag.core.atomic import atomic_write_bytes
+from latentrag.core.errors import StaleIndexError
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
@@ -27,10 +26,6 @@ MANIFEST_FILE = "manifest.json"
 IndexType = Literal["flat", "ivf", "hnsw"]
 #: `index build` loads an existing index too, so a stale one must be deleted first
 REBUILD_HINT = "delete the directory, then rebuild it with `latentrag index build CONFIG`"
-
-
-class StaleIndexError(LatentragError):
-    """A saved index was built from another corpus, model or index configuration."""
 
 
 @dataclass(frozen=True)
@@ -155,25 +150,11 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 # -- persistence -----------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new, never a part."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def save_index(directory: Path, index: faiss.Index, manifest: IndexManifest) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST_FILE).unlink(missing_ok=True)
-    atomic_write(directory / INDEX_FILE, faiss.serialize_index(index).tobytes())
-    atomic_write(directory / MANIFEST_FILE, manifest.to_json().encode("utf-8"))
+    atomic_write_bytes(directory / INDEX_FILE, faiss.serialize_index(index).tobytes())
+    atomic_write_bytes(directory / MANIFEST_FILE, manifest.to_json().encode("utf-8"))
 
 
 def has_index(directory: Path) -> bool:
