@@ -24,8 +24,7 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
 IndexType = Literal["flat", "ivf", "hnsw"]
-#: `index build` loads an existing index too, so a stale one must be deleted first
-REBUILD_HINT = "delete the directory, then rebuild it with `latentrag index build CONFIG`"
+REBUILD_HINT = "rebuild it with `latentrag index build CONFIG`"
 
 
 @dataclass(frozen=True)
