@@ -417,3 +417,28 @@ def test_nonfinite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(data_d
     assert line.endswith(f"(last checkpoint: {out}/ckpt-1)")
     assert read_checkpoint(out / "ckpt-1").step == 1  # it verifies
     assert [line["step"] for line in metric_lines(out)] == [1]
+
+
+def test_resume_with_only_a_damaged_checkpoint(data_dir):
+    out = data_dir / "out"
+    assert invoke("train", str(data_dir / "c.toml"), "--out", str(out)).exit_code == 0
+    state = out / "ckpt-2" / "state.json"
+    state.write_bytes(state.read_bytes()[:20])
+    result = cli("train", str(data_dir / "c.toml"), "--out", str(out), "--resume")
+    assert_one_line_error(
+        result.returncode,
+        result.stderr,
+        f"no usable checkpoint in {out}; skipped damaged checkpoint: {state}: sha256 mismatch",
+    )
+
+
+def test_resume_with_a_checkpoint_of_another_run(data_dir):
+    out, config = data_dir / "out", str(data_dir / "c.toml")
+    assert invoke("train", config, "--out", str(out)).exit_code == 0
+    written = hashes(out / "ckpt-2")
+    result = invoke("train", config, "--out", str(out), "--resume", "--set", "data.max_train=6")
+    assert_cli_error(
+        result,
+        f"{out}/ckpt-2 does not fit this run: it was trained on 12 examples, this run has 6",
+    )
+    assert hashes(out / "ckpt-2") == written

@@ -663,8 +663,18 @@ class Trainer:
         self.last_loss = math.nan if state["loss"] is None else state["loss"]
         self._wall_before = state["wall_s"]
 
+    def _load_latest(self) -> Checkpoint | None:
+        """`load_latest`, whose warnings about skipped damaged checkpoints are shown only
+        when a good one was found (else its one-line error already names the damage)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            checkpoint = load_latest(self.out_dir)
+        for warning in caught:
+            warnings.warn(warning.message, stacklevel=4)
+        return checkpoint
+
     def _resume(self) -> int:
-        checkpoint = load_latest(self.out_dir)
+        checkpoint = self._load_latest()
         if checkpoint is None:
             warnings.warn(f"no checkpoint in {self.out_dir}: starting from step 0", stacklevel=3)
             return self._fresh_start()
