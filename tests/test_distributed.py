@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,10 +55,10 @@ def write_config(folder: Path, estimator: str, posterior: str = "", steps: int =
     return path
 
 
-def torchrun(config: Path, out: Path) -> subprocess.CompletedProcess:
+def torchrun(config: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
     command = [str(TORCHRUN), "--nproc_per_node=2", "--standalone", "-m", "latentrag.cli"]
     result = subprocess.run(
-        [*command, "train", str(config), "--out", str(out)],
+        [*command, "train", str(config), "--out", str(out), *args],
         capture_output=True,
         text=True,
         env=ENV,
@@ -97,17 +98,31 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert state["position"] == {"epoch": 1, "index": 4}  # 16 examples of 12 drawn in all
 
 
-def test_jsa_chains_stay_whole_on_every_rank(tmp_path):
-    config = write_config(tmp_path, JSA, POSTERIOR, steps=2)
-    torchrun(config, tmp_path / "run")
-    ranks = read_checkpoint(tmp_path / "run" / "ckpt-2").state["ranks"]
+def test_jsa_chains_stay_whole_on_every_rank_and_resume_is_exact(tmp_path):
+    config = write_config(tmp_path, JSA, POSTERIOR, steps=4)
+    whole = tmp_path / "whole"
+    torchrun(config, whole)
+    ranks = read_checkpoint(whole / "ckpt-2").state["ranks"]
     caches = [rank["estimator"]["cache"] for rank in ranks]
     # 2 steps of 4 examples, two per rank: every visited example's chain is on both ranks
-    visited = 8
-    assert len(caches[0]) == visited and caches[0] == caches[1]
+    assert len(caches[0]) == 8 and caches[0] == caches[1]
     assert set(caches[0]) <= {e.id for e in toy_examples()}
     assert ranks[0]["estimator"]["rng"] != ranks[1]["estimator"]["rng"]  # own noise per rank
     assert ranks[0]["rng"]["torch"] != ranks[1]["rng"]["torch"]
+
+    # a run stopped after step 2, resumed by two processes, ends as the whole run did
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole / "ckpt-2", resumed / "ckpt-2")
+    shutil.copy(whole / "metrics.jsonl", resumed / "metrics.jsonl")
+    torchrun(config, resumed, "--resume")
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        expected = safetensors.torch.load((whole / "ckpt-4" / name).read_bytes())
+        got = safetensors.torch.load((resumed / "ckpt-4" / name).read_bytes())
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), name
+    states = [read_checkpoint(run / "ckpt-4").state for run in (whole, resumed)]
+    assert states[0]["ranks"] == states[1]["ranks"]
+    assert metric_lines(resumed) == metric_lines(whole)
 
 
 def test_batch_must_divide_among_the_processes(tmp_path, monkeypatch):

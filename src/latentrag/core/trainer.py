@@ -686,8 +686,16 @@ class Trainer:
             raise TrainingError(f"{checkpoint.path} does not fit this run: {reason}") from None
         self._refresh_indexes(step=None)
         restore_rng(self._rank_state(checkpoint.state)["rng"])
-        if self.rank and len(checkpoint.state.get("ranks", [])) != self.world:
-            self._seed_rank_streams()  # another process count: new streams, inexact resume
+        written_by = len(checkpoint.state.get("ranks", [])) or 1
+        if written_by != self.world:
+            if self.is_main:
+                warnings.warn(
+                    f"{checkpoint.path} was written by {written_by} process(es), this run has "
+                    f"{self.world}: it will not match an uninterrupted run exactly",
+                    stacklevel=3,
+                )
+            if self.rank:
+                self._seed_rank_streams()  # rank 0's streams restored: derive this rank's
         return checkpoint.step
 
     def _rank_state(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -696,10 +704,4 @@ class Trainer:
         ranks = state.get("ranks", [])
         if len(ranks) == self.world:
             return ranks[self.rank]
-        if (ranks or self.world > 1) and self.is_main:
-            warnings.warn(
-                f"the checkpoint was written by {max(len(ranks), 1)} process(es), this run "
-                f"has {self.world}: the resumed run will not match an uninterrupted one",
-                stacklevel=4,
-            )
         return {"rng": state["rng"], "estimator": state["estimator"]}
