@@ -127,3 +127,93 @@ def test_use_cache_restores_the_previous_cache():
             assert active_cache() is inner
         assert active_cache() is outer
     assert active_cache() is None
+
+
+# -- the demo --------------------------------------------------------------------------------
+
+TINY_DEMO = """\
+[data]
+source = "toy"
+[retriever]
+name = "bow"
+seed = 0
+[posterior]
+name = "bow"
+seed = 1
+[generator]
+name = "hf-causal-lm"
+model = "tiny-llama"
+freeze = true
+[estimator]
+name = "topk"
+k = 4
+[train]
+steps = 2
+batch_size = 4
+lr = 0.05
+[eval]
+recall_at = [1, 5]
+max_new_tokens = 3
+"""
+
+
+def test_run_demo_prints_the_table_and_a_verdict_from_the_numbers(tmp_path, one_thread):
+    from latentrag.demo import run_demo
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_DEMO)
+    out, lines = tmp_path / "demo", []
+    result = run_demo(out, config=config, qa_questions=4, echo=lines.append)
+    printed = "\n".join(lines)
+
+    assert "| estimator.name | seeds |" in printed
+    for name in ("topk", "vrag", "jsa"):
+        metrics = json.loads((out / f"estimator.name={name}__seed=0" / "eval.json").read_text())
+        assert {"recall@1", "recall@1 (before)", "f1", "f1 (before)"} <= set(metrics)
+        before, after = metrics["recall@1 (before)"], metrics["recall@1"]
+        assert f"{before:.3f} -> {after:.3f}" in printed  # the before -> after table
+    done = {r["assignment"]["estimator.name"]: r["metrics"] for r in result.rows}
+    jsa_wins = all(done["jsa"]["recall@1"] > done[o]["recall@1"] for o in ("topk", "vrag"))
+    expected = "yes" if jsa_wins else "no"
+    assert f"JSA beats topk and vrag on recall@1 here: {expected} (jsa " in printed
+    assert "JSA beats topk and vrag on f1 here: " in printed
+    assert f"Plots: {out / 'metrics.png'}" in printed
+    assert (out / "logliks.json").exists() and (out / "answers.json").exists()
+
+    # a second demo into the same folder skips the finished runs and prints the same table
+    again: list[str] = []
+    run_demo(out, config=config, qa_questions=4, echo=again.append)
+    assert again[2:-1] == lines[2:-1]  # all but the header and the timing line
+
+
+def row(name: str, recall: float, f1: float, status: str = "done") -> dict:
+    metrics = {"recall@1": recall, "recall@1 (before)": 0.5, "f1": f1, "f1 (before)": 0.1}
+    return {"assignment": {"estimator.name": name}, "status": status, "metrics": metrics}
+
+
+def test_the_verdict_says_no_on_a_tie_and_yes_only_when_jsa_is_strictly_best():
+    from latentrag.demo import beats, verdict
+
+    rows = [row("topk", 0.6, 0.2), row("vrag", 0.7, 0.2), row("jsa", 0.7, 0.3)]
+    assert beats(rows, "jsa", ["topk", "vrag"], "recall@1").startswith("no (jsa 0.700")
+    assert beats(rows, "jsa", ["topk", "vrag"], "f1") == "yes (jsa 0.300, topk 0.200, vrag 0.200)"
+    text = verdict(rows)
+    assert "0.500 -> 0.700 (+0.200)" in text and "0.100 -> 0.300 (+0.200)" in text
+    failed = [row("topk", 0.6, 0.2), row("vrag", 0, 0, status="failed"), row("jsa", 0.7, 0.3)]
+    assert beats(failed, "jsa", ["topk", "vrag"], "f1") == "cannot tell (vrag did not finish)"
+
+
+def test_answer_cache_generates_each_prompt_once(frozen, tmp_path, one_thread):
+    from latentrag.demo import AnswerCache
+
+    cache = AnswerCache(tmp_path / "answers.json")
+    questions, passages = ["What is the capital of France?"] * 2, [["Paris."], ["Rome."]]
+    first = cache.answers(frozen.generator, questions, passages, 3)
+    assert cache.generated == 2
+    assert cache.answers(frozen.generator, questions[:1], passages[:1], 3) == first[:1]
+    assert cache.generated == 2
+    cache.save()
+    reread = AnswerCache(tmp_path / "answers.json")
+    assert reread.answers(frozen.generator, questions, passages, 3) == first
+    assert reread.generated == 0
+    assert first == frozen.generator.generate(questions, passages, 3)

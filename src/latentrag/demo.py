@@ -1,0 +1,297 @@
+"""The embedded demo (`make demo`, `latentrag demo`): estimators compared on the SQuAD slice.
+
+A sweep of `examples/demo.toml` over the estimators (top-K, VRAG, JSA), one seed each, with
+the packaged models: a MiniLM bi-encoder prior (its query encoder learns; passages are
+encoded once), a second MiniLM reading "question answer" as the posterior, and a frozen
+SmolLM2-135M generator. A frozen generator's outputs never change, so its log-likelihoods
+(`core.loglik_cache`) and its greedy answers (`AnswerCache`) are computed once and shared
+by every run; end-to-end training then costs retriever steps only. Each run reports the
+prior's recall@k and the answers' EM/F1 before and after training; the demo prints the
+sweep's table, the plot paths and a verdict computed from those numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .core.config import EvalConfig, ResolvedConfig
+from .core.data import atomic_write_bytes
+from .core.errors import LatentragError
+from .core.loglik_cache import LoglikCache, generator_identity, use_cache
+from .core.metrics import exact_match, f1
+from .core.report import write_report
+from .core.sweep import run_sweep
+from .core.tables import format_table
+from .core.tomlout import dumps
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo.toml"
+DEMO_ESTIMATORS = ("topk", "vrag", "jsa")
+LOGLIK_FILE = "logliks.json"
+ANSWER_FILE = "answers.json"
+EVAL_FILE = "eval.json"
+#: the metrics the verdict compares, best first
+VERDICT_METRICS = ("recall@1", "f1")
+
+Echo = Callable[[str], None]
+
+
+# -- answers of a frozen generator -------------------------------------------------------------
+
+
+class AnswerCache:
+    """Greedy answers of a frozen generator per (generator, question, passages), optionally
+    kept in a JSON file: greedy decoding of a fixed model is a function of its prompt."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._answers: dict[str, str] = {}
+        if path is not None and path.exists():
+            try:
+                self._answers = dict(json.loads(path.read_text("utf-8")))
+            except (OSError, ValueError, TypeError) as exc:
+                raise LatentragError(f"{path}: not an answer cache ({exc}); delete it") from None
+        self.generated = 0
+
+    def answers(
+        self,
+        generator: Any,
+        questions: Sequence[str],
+        passages: Sequence[Sequence[str]],
+        max_new_tokens: int,
+        batch_size: int = 8,
+    ) -> list[str]:
+        """One answer per question; only prompts never seen before reach the generator."""
+        identity = generator_identity(generator)
+        if identity is None:  # a trainable generator changes: nothing to remember
+            return generator.generate(list(questions), [list(p) for p in passages], max_new_tokens)
+        keys = [_answer_key(identity, q, p, max_new_tokens) for q, p in zip(questions, passages)]
+        todo = [i for i, key in enumerate(keys) if key not in self._answers]
+        starts = range(0, len(todo), batch_size)
+        for start in tqdm(starts, desc="answering", unit="batch", disable=not todo):
+            chunk = todo[start : start + batch_size]
+            new = generator.generate(
+                [questions[i] for i in chunk], [list(passages[i]) for i in chunk], max_new_tokens
+            )
+            self._answers.update({keys[i]: answer for i, answer in zip(chunk, new)})
+        self.generated += len(todo)
+        return [self._answers[key] for key in keys]
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, json.dumps(self._answers).encode("utf-8"))
+
+
+def _answer_key(identity: str, question: str, passages: Sequence[str], max_new: int) -> str:
+    text = json.dumps([identity, question, list(passages), max_new])
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+# -- one run of the sweep ------------------------------------------------------------------------
+
+
+def qa_metrics(pipeline, examples, answers: AnswerCache, passages: int, max_new: int) -> dict:
+    """EM and F1 of the greedy answers from the prior's top `passages` passages."""
+    questions = [e.question for e in examples]
+    top = pipeline.retrieve(questions, passages)
+    predicted = answers.answers(
+        pipeline.generator, questions, pipeline.passages(top.indices), max_new
+    )
+    count = len(examples)
+    return {
+        "em": sum(exact_match(a, e.answers) for a, e in zip(predicted, examples)) / count,
+        "f1": sum(f1(a, e.answers) for a, e in zip(predicted, examples)) / count,
+    }
+
+
+@dataclass
+class DemoRun:
+    """What every cell of the demo sweep shares: the caches, and how many questions get
+    answered (EM/F1; recall uses all of `data.max_eval`)."""
+
+    logliks: LoglikCache
+    answers: AnswerCache
+    qa_questions: int
+
+    def measure(self, pipeline, corpus, train, dev, settings: EvalConfig) -> dict[str, float]:
+        """The prior's recall@k on `dev`, its recall@1 on the training questions, and EM/F1
+        on the first `qa_questions` of `dev`."""
+        from .core.evaluation import evaluate_retrieval
+
+        metrics = evaluate_retrieval(pipeline, corpus, dev, ks=settings.recall_at)
+        metrics = {k: v for k, v in metrics.items() if k.startswith("recall@")}
+        fitted = evaluate_retrieval(pipeline, corpus, train, ks=[1])["recall@1"]
+        metrics["train recall@1"] = fitted
+        if pipeline.generator is not None and self.qa_questions > 0:
+            qa_dev = dev[: self.qa_questions]
+            metrics |= qa_metrics(
+                pipeline, qa_dev, self.answers, settings.passages, settings.max_new_tokens
+            )
+        return metrics
+
+    def train(
+        self, resolved: ResolvedConfig, config_path: Path, out_dir: Path, resume: bool = False
+    ) -> dict[str, float]:
+        """Like `core.runs.train_run`, plus EM/F1 before training, the caches and timings."""
+        from .core.dataset import load_dataset
+        from .core.pipeline import Pipeline
+        from .core.trainer import Trainer
+
+        settings = resolved.pipeline
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_dir / "config.toml", dumps(resolved.to_dict()).encode("utf-8"))
+        dataset = load_dataset(settings.data, base=config_path.parent)
+        pipeline = Pipeline.from_config(resolved, dataset.corpus)
+        train = dataset.split("train", settings.data.max_train)
+        dev = dataset.split("dev", settings.data.max_eval)
+
+        before = self.measure(pipeline, dataset.corpus, train, dev, settings.eval)
+        start, scored = time.perf_counter(), self.logliks.misses
+        Trainer(pipeline, resolved, train, None, out_dir).train(resume=resume)
+        train_seconds = time.perf_counter() - start
+        after = self.measure(pipeline, dataset.corpus, train, dev, settings.eval)
+        self.save()
+
+        result = {**after, **{f"{k} (before)": v for k, v in before.items()}}
+        result["train time (s)"] = round(train_seconds, 1)
+        result["pairs scored"] = self.logliks.misses - scored
+        text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+        atomic_write_bytes(out_dir / EVAL_FILE, text.encode("utf-8"))
+        return result
+
+    def save(self) -> None:
+        self.logliks.save()
+        self.answers.save()
+
+
+# -- the verdict -------------------------------------------------------------------------------
+
+
+def _number(metrics: dict, key: str) -> float | None:
+    value = metrics.get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def before_after_rows(rows: Sequence[dict]) -> list[dict[str, object]]:
+    """Per finished run: each verdict metric before -> after training."""
+    table = []
+    for row in rows:
+        if row["status"] != "done":
+            continue
+        line: dict[str, object] = {"estimator": row["assignment"].get("estimator.name", "?")}
+        for metric in VERDICT_METRICS:
+            before = _number(row["metrics"], f"{metric} (before)")
+            after = _number(row["metrics"], metric)
+            if before is not None and after is not None:
+                line[metric] = f"{before:.3f} -> {after:.3f} ({after - before:+.3f})"
+        table.append(line)
+    return table
+
+
+def beats(rows: Sequence[dict], winner: str, others: Sequence[str], metric: str) -> str:
+    """Whether `winner` has a strictly higher `metric` after training than every one of
+    `others`: "yes" or "no", with the numbers."""
+    values = {
+        row["assignment"].get("estimator.name"): _number(row["metrics"], metric)
+        for row in rows
+        if row["status"] == "done"
+    }
+    named = [winner, *others]
+    missing = [name for name in named if values.get(name) is None]
+    if missing:
+        return f"cannot tell ({', '.join(missing)} did not finish)"
+    strictly = all(values[winner] > values[other] for other in others)
+    numbers = ", ".join(f"{name} {values[name]:.3f}" for name in named)
+    return f"{'yes' if strictly else 'no'} ({numbers})"
+
+
+def verdict(rows: Sequence[dict]) -> str:
+    """The demo's conclusion, computed from the runs whatever they say."""
+    lines = ["Before -> after training (recall@1 of the prior, F1 of the answers):", ""]
+    lines.append(format_table(before_after_rows(rows), markdown=True))
+    names = {row["assignment"].get("estimator.name") for row in rows}
+    if "jsa" in names:
+        others = [name for name in ("topk", "vrag") if name in names]
+        lines.append("")
+        for metric in VERDICT_METRICS:
+            lines.append(
+                f"JSA beats {' and '.join(others)} on {metric} here: "
+                f"{beats(rows, 'jsa', others, metric)}"
+            )
+    return "\n".join(lines)
+
+
+# -- the demo --------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoResult:
+    markdown: str
+    verdict: str
+    plots: list[Path] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_demo(
+    out_dir: Path,
+    config: Path | None = None,
+    overrides: Sequence[str] = (),
+    estimators: Sequence[str] = DEMO_ESTIMATORS,
+    qa_questions: int = 32,
+    echo: Echo | None = None,
+) -> DemoResult:
+    """Sweep the estimators of `config` (default examples/demo.toml) into `out_dir`, print
+    the report and the verdict, and return them. Finished runs are kept and skipped."""
+    echo = echo or partial(print, flush=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    config = Path(config) if config is not None else DEMO_CONFIG
+    if not config.is_file():
+        raise LatentragError(f"{config}: demo config not found (run from a source checkout)")
+    out_dir = Path(out_dir)
+    wall, cpu = time.perf_counter(), time.process_time()
+    echo(f"latentrag demo: {', '.join(estimators)} on {config.name}, results in {out_dir}/")
+
+    run = DemoRun(
+        LoglikCache(out_dir / LOGLIK_FILE), AnswerCache(out_dir / ANSWER_FILE), qa_questions
+    )
+    grid = [f"estimator.name={','.join(estimators)}"]
+    with use_cache(run.logliks):
+        results = run_sweep(config, grid, 1, out_dir, overrides, train_fn=run.train)
+    report = write_report(out_dir)
+    conclusion = verdict(report.rows)
+
+    echo("")
+    echo(report.markdown.split("## Plots")[0].rstrip())
+    echo("")
+    echo(conclusion)
+    echo("")
+    echo("Plots: " + (", ".join(str(p) for p in report.plots) or "none"))
+    echo(f"Report: {report.markdown_path}")
+    echo(
+        f"Time: {time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} s CPU; "
+        f"peak RSS {peak_rss_mb():.0f} MB; generator pairs scored {run.logliks.misses}, "
+        f"reused {run.logliks.hits}; answers generated {run.answers.generated}; "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        names = ", ".join(r.name for r in failed)
+        raise LatentragError(f"demo: {len(failed)} run(s) failed ({names}); see their error.txt")
+    return DemoResult(report.markdown, conclusion, report.plots, report.rows)
