@@ -41,7 +41,13 @@ def test_retriever_gradient_treats_reader_likelihoods_as_constants():
 
 
 def test_config_names_it_next_to_builtins():
-    resolved = resolve({"retriever": {"name": "bm25"}, "estimator": {"name": "emdr2", "k": 3}})
+    resolved = resolve(
+        {
+            "retriever": {"name": "bm25"},
+            "generator": {"name": "hf-causal-lm", "model": "tiny-llama"},
+            "estimator": {"name": "emdr2", "k": 3},
+        }
+    )
     spec, cfg = resolved.component("estimator")
     assert (spec.plugin, cfg.k) == ("emdr2", 3)
 
