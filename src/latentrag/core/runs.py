@@ -13,6 +13,7 @@ from pathlib import Path
 from .atomic import atomic_write_bytes
 from .config import ResolvedConfig
 from .dataset import load_dataset
+from .errors import LatentragError
 from .tomlout import dumps
 
 EVAL_FILE = "eval.json"
@@ -28,18 +29,17 @@ def train_run(
     from .trainer import Trainer
 
     settings = resolved.pipeline
-    if is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_dir / "config.toml", dumps(resolved.to_dict()).encode("utf-8"))
-
     dataset = load_dataset(settings.data, base=config_path.parent)
     pipeline = Pipeline.from_config(resolved, dataset.corpus)
     train_examples = dataset.split("train", settings.data.max_train)
     dev_examples = dataset.split("dev", settings.data.max_eval)
     ks = settings.eval.recall_at
+    trainer = Trainer(pipeline, resolved, train_examples, dev_examples, out_dir)
+    if is_main():  # only once data and config passed every check: a bad run writes nothing
+        _write_config(out_dir, resolved)
 
     before = evaluate_retrieval(pipeline, dataset.corpus, dev_examples, ks=ks)
-    Trainer(pipeline, resolved, train_examples, dev_examples, out_dir).train(resume=resume)
+    trainer.train(resume=resume)
     after = evaluate_retrieval(pipeline, dataset.corpus, dev_examples, ks=ks)
     if pipeline.generator is not None:
         qa = evaluate_qa(
@@ -52,3 +52,11 @@ def train_run(
     if is_main():
         atomic_write_bytes(out_dir / EVAL_FILE, text.encode("utf-8"))
     return result
+
+
+def _write_config(out_dir: Path, resolved: ResolvedConfig) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_dir / "config.toml", dumps(resolved.to_dict()).encode("utf-8"))
+    except OSError as exc:
+        raise LatentragError(f"{out_dir}: cannot write the run folder ({exc.strerror})") from None
