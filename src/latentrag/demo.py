@@ -43,6 +43,13 @@ EVAL_FILE = "eval.json"
 #: the metrics the verdict compares, best first
 VERDICT_METRICS = ("recall@1", "f1")
 
+COLUMNS_NOTE = (
+    "recall@k: the prior on the dev questions (data.max_eval, all when unset); train "
+    "recall@1: on the training questions; em/f1: greedy answers from the top-1 passage, "
+    "first {qa} dev questions; pairs scored: generator log-likelihoods that run computed "
+    "(later runs reuse earlier runs' scores); (before): the same metric before training."
+)
+
 Echo = Callable[[str], None]
 
 
@@ -279,6 +286,8 @@ def run_demo(
 
     echo("")
     echo(report.markdown.split("## Plots")[0].rstrip())
+    echo("")
+    echo(COLUMNS_NOTE.format(qa=qa_questions))
     echo("")
     echo(conclusion)
     echo("")
