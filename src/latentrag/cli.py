@@ -8,6 +8,7 @@ Errors a user can fix print one line per problem and exit with status 2.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -41,10 +42,15 @@ class LatentragGroup(click.Group):
             sys.exit(EXIT_USAGE)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 @click.group(cls=LatentragGroup)
 @click.version_option(__version__, prog_name="latentrag")
 def main() -> None:
     """latentrag: retrieval-augmented generation with the passage as a latent variable."""
+    warnings.formatwarning = _one_line_warning
 
 
 def _load(config_file: str, overrides: tuple[str, ...]):

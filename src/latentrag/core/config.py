@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError, LatentragError
 from .registry import ComponentSpec, Registry, default_registry
@@ -73,6 +73,12 @@ class DataConfig(StrictModel):
     test: str | None = None
     max_train: int | None = Field(None, ge=1)
     max_eval: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _jsonl_needs_a_corpus(self) -> DataConfig:
+        if self.source == "jsonl" and self.corpus is None:
+            raise ValueError("corpus is required when source = 'jsonl'")
+        return self
 
 
 class EvalConfig(StrictModel):

@@ -45,8 +45,6 @@ def load_dataset(config: DataConfig, base: Path | None = None) -> Dataset:
         paths = {"corpus": folder / "passages.jsonl"}
         paths.update({name: folder / f"{name}.jsonl" for name in SPLITS})
     else:
-        if config.corpus is None:
-            raise ConfigError("data.corpus: required when data.source = 'jsonl'")
         named = {"corpus": config.corpus, **{n: getattr(config, n) for n in SPLITS}}
         paths = {key: _resolve(value, base) for key, value in named.items() if value}
     corpus = read_passages_jsonl(paths.pop("corpus"))

@@ -233,6 +233,8 @@ class Registry:
         message = f"unknown {kind} {name!r}"
         if close:
             message += f"; did you mean {', '.join(repr(c) for c in close)}?"
+        else:
+            message += "."
         message += f" Known {kind}s: {', '.join(known) or '(none)'}"
         broken = [p.name for p in self._plugins.values() if p.error]
         if broken:
