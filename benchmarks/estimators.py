@@ -6,12 +6,13 @@ Tiny part: bow prior and posterior, the tiny random llama generator, the toy cor
 passages), 4 questions. `--real`: the packaged SmolLM2-135M generator on the SQuAD slice.
 
 A step is `estimator.loss(batch, pipeline)` plus `loss.backward()` (no optimizer). While it
-runs, every call the estimator makes to the generator is recorded; "bare" replays exactly
-those calls directly on the generator (same arguments, same grad mode) plus one backward
-through the outputs that needed grad: the generator work a step cannot avoid. The ratio
-step / bare is the framework overhead (candidate sets, retrievers, sampling, bookkeeping);
-the target is <= 1.25x. Times are medians of process CPU seconds, single thread (the
-machine is shared: wall time would also measure the neighbours). Counts are per example:
+runs, every call the step makes to the generator (loglik, token_logprobs) and to the
+retrievers (retrieve, score) is recorded; "bare" replays exactly those calls directly on the
+components (same arguments, same grad mode) plus one backward through the outputs that
+needed grad: the model work a step cannot avoid. The ratio step / bare is the framework
+overhead (candidate sets, sampling, softmaxes, bookkeeping); the target is <= 1.25x.
+Times are medians of process CPU seconds, single thread (the machine is shared: wall time
+would also measure the neighbours). Counts are per example:
 generator forwards without and with grad, and generator backwards.
 """
 
@@ -53,31 +54,37 @@ def build(kind: str, name: str, **options):
 
 @dataclass
 class Recorder:
-    """Wraps a generator's scoring methods and records each call with its grad mode."""
+    """Wraps the components' model calls and records each one with its grad mode."""
 
-    generator: object
+    pipeline: Pipeline
     calls: list = field(default_factory=list)
     forwards_grad: int = 0
     forwards_nograd: int = 0
     depth: int = 0  # loglik may call token_logprobs: record the outermost call only
 
     def __post_init__(self) -> None:
+        generator = self.pipeline.generator
         for method in ("loglik", "token_logprobs"):
-            setattr(self.generator, method, self._wrap(getattr(self.generator, method)))
+            setattr(generator, method, self._wrap(getattr(generator, method), counts=True))
+        retrievers = {id(r): r for r in (self.pipeline.prior, self.pipeline.posterior) if r}
+        for retriever in retrievers.values():
+            for method in ("retrieve", "score"):
+                setattr(retriever, method, self._wrap(getattr(retriever, method), counts=False))
 
-    def _wrap(self, method):
-        def recorded(queries, passages, targets, *args, **kwargs):
+    def _wrap(self, method, counts: bool):
+        def recorded(*args, **kwargs):
             if self.depth == 0:
                 grad = torch.is_grad_enabled()
-                pairs = sum(len(row) for row in passages)
-                if grad:
-                    self.forwards_grad += pairs
-                else:
-                    self.forwards_nograd += pairs
-                self.calls.append((method, (queries, passages, targets, *args), kwargs, grad))
+                if counts:
+                    pairs = sum(len(row) for row in args[1])
+                    if grad:
+                        self.forwards_grad += pairs
+                    else:
+                        self.forwards_nograd += pairs
+                self.calls.append((method, args, kwargs, grad))
             self.depth += 1
             try:
-                return method(queries, passages, targets, *args, **kwargs)
+                return method(*args, **kwargs)
             finally:
                 self.depth -= 1
 
@@ -85,13 +92,14 @@ class Recorder:
 
 
 def replay(calls) -> None:
-    """The recorded generator calls, run directly, then one backward through them."""
+    """The recorded model calls, run directly, then one backward through them."""
     outputs = []
     for method, args, kwargs, grad in calls:
         with torch.set_grad_enabled(grad):
             out = method(*args, **kwargs)
-        if grad:
-            outputs.append((out[0] if isinstance(out, tuple) else out).sum())
+        out = out[0] if isinstance(out, tuple) else out
+        if grad and isinstance(out, torch.Tensor) and out.requires_grad:
+            outputs.append(out.sum())
     if outputs:
         torch.stack(outputs).sum().backward()
 
@@ -104,7 +112,7 @@ def cpu_seconds(fn) -> float:
 
 def bench(pipeline: Pipeline, batch: Batch, name: str, options: dict, steps: int) -> dict:
     estimator = build("estimator", name.removesuffix("-sampled").removesuffix("-fresh"), **options)
-    recorder = Recorder(pipeline.generator)
+    recorder = Recorder(pipeline)
 
     def step() -> None:
         recorder.calls.clear()
