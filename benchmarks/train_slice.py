@@ -12,7 +12,13 @@ runs/demo, where `make demo` leaves them, so a run after the demo reuses its sco
 topk-token reads per-token log-probabilities, which that cache does not hold: every one of
 its steps runs the generator.
 
+With --lora the generator learns too: LoRA adapters (r 8, alpha 16 on q_proj and v_proj,
+lr --generator-lr) on SmolLM2, passages cut to --passage-tokens tokens, k --k. The cache
+does not apply to a trainable generator (it changes), so every step runs the generator
+forward and backward, and F1 is measured by generating afresh before and after training.
+
     .venv/bin/python benchmarks/train_slice.py [--steps 24] [--train 32] [--qa 32]
+    .venv/bin/python benchmarks/train_slice.py --lora [--steps 40] [--k 2] [--batch 2]
 """
 
 from __future__ import annotations
@@ -50,6 +56,19 @@ def rises(metrics: dict, key: str) -> bool:
     return metrics[key] > metrics[f"{key} (before)"]
 
 
+def lora_overrides(args: argparse.Namespace) -> list[str]:
+    """Settings that make the generator learn through LoRA adapters."""
+    return [
+        "generator.freeze=false",
+        'generator.lora={r = 8, alpha = 16.0, target_modules = ["q_proj", "v_proj"]}',
+        f"generator.max_passage_tokens={args.passage_tokens}",
+        f"estimator.k={args.k}",
+        f"train.batch_size={args.batch}",
+        f"train.lr={args.prior_lr}",
+        f"train.lrs={{prior = {args.prior_lr}, generator = {args.generator_lr}}}",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=24)
@@ -59,6 +78,13 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG)
     parser.add_argument("--cache", type=Path, default=Path("runs/demo"))
     parser.add_argument("--out", type=Path, default=Path("runs/train_slice"))
+    parser.add_argument("--lora", action="store_true", help="train the generator's LoRA too")
+    parser.add_argument("--k", type=int, default=2, help="passages per example (--lora)")
+    parser.add_argument("--batch", type=int, default=2, help="examples per step (--lora)")
+    parser.add_argument("--passage-tokens", type=int, default=64, help="(--lora)")
+    parser.add_argument("--prior-lr", type=float, default=2e-5, help="(--lora)")
+    parser.add_argument("--generator-lr", type=float, default=1e-3, help="(--lora)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     run = DemoRun(
@@ -70,7 +96,10 @@ def main() -> None:
             f"estimator.name={name}",
             f"train.steps={args.steps}",
             f"data.max_train={args.train}",
+            f"train.seed={args.seed}",
         ]
+        if args.lora:
+            overrides += lora_overrides(args)
         resolved = load_config(args.config, overrides)
         out_dir = args.out / name
         shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run each time
@@ -90,10 +119,16 @@ def main() -> None:
                 "pairs scored": metrics["pairs scored"],
             }
         )
+    generator = (
+        f"SmolLM2-135M + LoRA (lr {args.generator_lr}, k {args.k}, batch {args.batch}, "
+        f"passages {args.passage_tokens} tokens, prior lr {args.prior_lr})"
+        if args.lora
+        else "frozen SmolLM2-135M"
+    )
     print()
     print(
         f"SQuAD slice, {args.train} training questions, dev recall@1 over the whole dev split "
-        f"(223), F1 over its first {args.qa}; frozen SmolLM2-135M, MiniLM prior and posterior"
+        f"(223), F1 over its first {args.qa}; {generator}, MiniLM prior and posterior"
     )
     print(format_table(rows, markdown=False))
     print(f"peak RSS {peak_rss_mb():.0f} MB; load average {os.getloadavg()[0]:.1f}")
