@@ -10,10 +10,9 @@ from tqdm.auto import tqdm
 
 from .errors import LatentragError
 from .metrics import exact_match, f1, mrr_at_k, recall_at_k
-from .tables import format_table
 from .types import Batch, Candidates, Corpus, Example
 
-__all__ = ["evaluate_qa", "evaluate_retrieval", "format_table"]
+__all__ = ["evaluate_qa", "evaluate_retrieval"]
 
 
 class Searchable(Protocol):

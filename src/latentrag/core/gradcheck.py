@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import tables
 from .config import ResolvedConfig
 from .interfaces import Estimator, Reduce
 from .pipeline import Pipeline
@@ -145,25 +146,18 @@ def compare(
 
 def format_table(rows: Sequence[GradcheckRow]) -> str:
     """A markdown table, columns aligned."""
-    header = ["estimator", "cos (mean)", "cos of mean", "rel. bias", "variance", "fwd/example"]
-    body = [
-        [
-            r.estimator,
-            f"{r.cosine_mean:.4f}",
-            f"{r.cosine_of_mean:.4f}",
-            f"{r.relative_bias:.4f}",
-            f"{r.variance:.4g}",
-            f"{r.forwards_per_example:.1f}",
-        ]
+    cells = [
+        {
+            "estimator": r.estimator,
+            "cos (mean)": f"{r.cosine_mean:.4f}",
+            "cos of mean": f"{r.cosine_of_mean:.4f}",
+            "rel. bias": f"{r.relative_bias:.4f}",
+            "variance": f"{r.variance:.4g}",
+            "fwd/example": f"{r.forwards_per_example:.1f}",
+        }
         for r in rows
     ]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), rule, *(line(cells) for cells in body)])
+    return tables.format_table(cells)
 
 
 def build_estimator(config: ResolvedConfig, name: str) -> Estimator:
