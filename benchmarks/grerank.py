@@ -29,36 +29,16 @@ import argparse  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from types import MethodType  # noqa: E402
 
 import torch  # noqa: E402
 
 from latentrag.core.config import load_config  # noqa: E402
-from latentrag.core.interfaces import Generator  # noqa: E402
 from latentrag.core.pipeline import Pipeline  # noqa: E402
 from latentrag.core.tables import format_table  # noqa: E402
 from latentrag.core.types import Batch, Example  # noqa: E402
 from latentrag.data import load_squad_slice  # noqa: E402
-from latentrag.plugins.joint_attention import JointPrompt, joint_loglik  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "examples" / "grerank.toml"
-
-
-def delegate_joint_loglik(generator) -> bool:
-    """Give an hf-causal-lm generator `loglik_joint` when it does not have one yet."""
-    if type(generator).loglik_joint is not Generator.loglik_joint:
-        return False
-
-    def loglik_joint(self, queries, passages, targets, doc_log_mask):
-        prompt = JointPrompt.from_template(
-            self.config.prompt_template, self.config.max_passage_tokens
-        )
-        return joint_loglik(
-            self.model, self.tokenizer, queries, passages, targets, doc_log_mask, prompt
-        )
-
-    generator.loglik_joint = MethodType(loglik_joint, generator)
-    return True
 
 
 def chunks(examples: list[Example], size: int):
@@ -124,8 +104,6 @@ def main() -> None:
     started = time.perf_counter()
     pipeline = Pipeline.from_config(resolved, corpus)
     print(f"built the pipeline in {time.perf_counter() - started:.0f}s")
-    if delegate_joint_loglik(pipeline.generator):
-        print("note: the generator has no loglik_joint yet; delegated to joint_attention here")
 
     # -- before --
     started = time.perf_counter()

@@ -8,7 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import random
 from collections.abc import Sequence
-from types import MethodType
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 from latentrag import hookimpl
 from latentrag.core.config import StrictModel, resolve
 from latentrag.core.errors import ConfigError
-from latentrag.core.interfaces import Generator, Reranker
+from latentrag.core.interfaces import Reranker
 from latentrag.core.pipeline import Pipeline
 from latentrag.core.registry import default_registry
 from latentrag.core.types import Batch, Candidates, Example
@@ -382,31 +381,13 @@ def test_grerank_learns_to_find_the_gold_passage_from_the_lm_loss_alone(bow_regi
 # -- through the pipeline ------------------------------------------------------------------
 
 
-def joint_generator(generator):
-    """The hf-causal-lm generator with `loglik_joint` delegating to `joint_loglik` (the call
-    its integration adds; installed here only when the generator lacks it)."""
-    if type(generator).loglik_joint is not Generator.loglik_joint:
-        return generator
-
-    def loglik_joint(self, queries, passages, targets, doc_log_mask):
-        prompt = JointPrompt.from_template(
-            self.config.prompt_template, self.config.max_passage_tokens
-        )
-        return joint_loglik(
-            self.model, self.tokenizer, queries, passages, targets, doc_log_mask, prompt
-        )
-
-    generator.loglik_joint = MethodType(loglik_joint, generator)
-    return generator
-
-
 def build(kind: str, name: str, **options):
     spec = default_registry().get(kind, name)
     return spec.build(spec.config_model.model_validate(options))
 
 
 def test_estimator_through_the_pipeline_trains_only_the_reranker():
-    generator = joint_generator(build("generator", "hf-causal-lm", model="tiny-llama", freeze=True))
+    generator = build("generator", "hf-causal-lm", model="tiny-llama", freeze=True)
     reranker = build("reranker", "gumbel", inner_config={"model": "tiny-random", "max_length": 48})
     estimator = build("estimator", "gumbel", k=4, k_keep=2)
     pipeline = Pipeline(
@@ -426,7 +407,7 @@ def test_estimator_through_the_pipeline_trains_only_the_reranker():
 
 
 def test_joint_reading_of_one_passage_equals_the_generators_own_loglik():
-    generator = joint_generator(build("generator", "hf-causal-lm", model="tiny-llama"))
+    generator = build("generator", "hf-causal-lm", model="tiny-llama")
     examples = toy_examples()[:3]
     corpus = toy_corpus()
     passages = [[corpus[i].text] for i in range(3)]
