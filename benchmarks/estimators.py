@@ -154,7 +154,7 @@ def tiny_setup() -> tuple[Pipeline, Batch]:
 
 def real_setup(retriever: str, questions: int) -> tuple[Pipeline, Batch]:
     from latentrag.core.config import DataConfig
-    from latentrag.core.dataset import load_dataset
+    from latentrag.data.dataset import load_dataset
 
     data = load_dataset(DataConfig(source="squad-slice"))
     prior = build("retriever", retriever, **({"seed": 0} if retriever == "bow" else {}))

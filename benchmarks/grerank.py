@@ -34,9 +34,9 @@ import torch  # noqa: E402
 
 from latentrag.core.config import load_config  # noqa: E402
 from latentrag.core.pipeline import Pipeline  # noqa: E402
-from latentrag.core.tables import format_table  # noqa: E402
 from latentrag.core.types import Batch, Example  # noqa: E402
 from latentrag.data import load_squad_slice  # noqa: E402
+from latentrag.experiments.tables import format_table  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "examples" / "grerank.toml"
 

@@ -33,9 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from latentrag.core.config import load_config  # noqa: E402
-from latentrag.core.loglik_cache import LoglikCache, use_cache  # noqa: E402
-from latentrag.core.tables import format_table  # noqa: E402
-from latentrag.demo import (  # noqa: E402
+from latentrag.experiments.demo import (  # noqa: E402
     ANSWER_FILE,
     DEMO_CONFIG,
     LOGLIK_FILE,
@@ -43,6 +41,8 @@ from latentrag.demo import (  # noqa: E402
     DemoRun,
     peak_rss_mb,
 )
+from latentrag.experiments.tables import format_table  # noqa: E402
+from latentrag.training.loglik_cache import LoglikCache, use_cache  # noqa: E402
 
 ESTIMATORS = ("topk", "topk-token", "vrag", "jsa")
 

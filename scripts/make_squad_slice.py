@@ -23,12 +23,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 try:
-    from latentrag.core.data import atomic_write_bytes, read_squad, write_jsonl
     from latentrag.core.types import Example, Passage
+    from latentrag.data.readers import atomic_write_bytes, read_squad, write_jsonl
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(REPO / "src"))
-    from latentrag.core.data import atomic_write_bytes, read_squad, write_jsonl
     from latentrag.core.types import Example, Passage
+    from latentrag.data.readers import atomic_write_bytes, read_squad, write_jsonl
 
 SOURCE = REPO.parent / "shared/data/squad-v1.1-dev.json"
 SOURCE_SHA256 = "95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9"

@@ -20,7 +20,7 @@ from latentrag.plugins import bm25
 from latentrag.plugins.bm25 import BM25Config, BM25Retriever, StaleIndexError
 from latentrag.plugins.tokenize import STOPWORDS, Tokenizer, stem
 from latentrag.testing.checks import check_retriever
-from latentrag.testing.toy import toy_corpus, toy_examples
+from latentrag.toy.corpus import toy_corpus, toy_examples
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from latentrag.core import checkpoint as ckpt
-from latentrag.core.checkpoint import (
+from latentrag.training import checkpoint as ckpt
+from latentrag.training.checkpoint import (
     Checkpoint,
     CheckpointError,
     capture_rng,

@@ -7,7 +7,7 @@ import tomllib
 
 from latentrag.core.config import apply_overrides, load_config, parse_override, resolve
 from latentrag.core.errors import ConfigError
-from latentrag.core.tomlout import dumps
+from latentrag.io.toml_writer import dumps
 
 
 def write(tmp_path, text: str):

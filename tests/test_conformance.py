@@ -11,7 +11,7 @@ from latentrag.core.interfaces import Estimator, EstimatorOutput, Retriever
 from latentrag.core.registry import Registry
 from latentrag.core.types import Candidates
 from latentrag.testing import checks
-from latentrag.testing.toy import toy_corpus
+from latentrag.toy.corpus import toy_corpus
 
 #: the smallest config of each builtin component (tiny random models, few candidates)
 TINY = {

@@ -1,4 +1,4 @@
-"""Tests for latentrag.core.data (readers, writer) and the shipped SQuAD slice."""
+"""Tests for latentrag.data.readers (readers, writer) and the shipped SQuAD slice."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from latentrag.core.data import (
+from latentrag.core.types import Corpus, Example, Passage
+from latentrag.data import load_squad_slice, squad_slice_dir
+from latentrag.data.readers import (
     DataError,
     check_gold_ids,
     read_examples_jsonl,
@@ -20,8 +22,6 @@ from latentrag.core.data import (
     read_squad,
     write_jsonl,
 )
-from latentrag.core.types import Corpus, Example, Passage
-from latentrag.data import load_squad_slice, squad_slice_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "make_squad_slice.py"
@@ -260,7 +260,7 @@ def test_script_refuses_wrong_source(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_data_module_does_not_import_torch() -> None:
     code = ("import sys, latentrag.core.types; before = 'torch' in sys.modules; "
-            "import latentrag.core.data; print(before, 'torch' in sys.modules)")
+            "import latentrag.data.readers; print(before, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     if out[0] == "True":

@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 
-from latentrag.core.loglik_cache import LoglikCache, generator_identity, use_cache
 from latentrag.core.pipeline import Pipeline
 from latentrag.core.registry import default_registry
 from latentrag.core.types import Batch
-from latentrag.testing.toy import toy_corpus, toy_examples
+from latentrag.toy.corpus import toy_corpus, toy_examples
+from latentrag.training.loglik_cache import LoglikCache, generator_identity, use_cache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -119,7 +119,7 @@ def test_a_damaged_cache_file_is_a_latentrag_error(tmp_path):
 
 
 def test_use_cache_restores_the_previous_cache():
-    from latentrag.core.loglik_cache import active_cache
+    from latentrag.training.loglik_cache import active_cache
 
     outer, inner = LoglikCache(), LoglikCache()
     with use_cache(outer):
@@ -158,7 +158,7 @@ max_new_tokens = 3
 
 
 def test_run_demo_prints_the_table_and_a_verdict_from_the_numbers(tmp_path, one_thread):
-    from latentrag.demo import run_demo
+    from latentrag.experiments.demo import run_demo
 
     config = tmp_path / "tiny.toml"
     config.write_text(TINY_DEMO)
@@ -192,7 +192,7 @@ def row(name: str, recall: float, f1: float, status: str = "done") -> dict:
 
 
 def test_the_verdict_says_no_on_a_tie_and_yes_only_when_jsa_is_strictly_best():
-    from latentrag.demo import beats, verdict
+    from latentrag.experiments.demo import beats, verdict
 
     rows = [row("topk", 0.6, 0.2), row("vrag", 0.7, 0.2), row("jsa", 0.7, 0.3)]
     assert beats(rows, "jsa", ["topk", "vrag"], "recall@1").startswith("no (jsa 0.700")
@@ -204,7 +204,7 @@ def test_the_verdict_says_no_on_a_tie_and_yes_only_when_jsa_is_strictly_best():
 
 
 def test_answer_cache_generates_each_prompt_once(frozen, tmp_path, one_thread):
-    from latentrag.demo import AnswerCache
+    from latentrag.experiments.demo import AnswerCache
 
     cache = AnswerCache(tmp_path / "answers.json")
     questions, passages = ["What is the capital of France?"] * 2, [["Paris."], ["Rome."]]

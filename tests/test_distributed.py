@@ -16,9 +16,9 @@ import torch
 from click.testing import CliRunner
 
 from latentrag.cli import main
-from latentrag.core import distributed
-from latentrag.core.checkpoint import read_checkpoint
 from latentrag.testing import toy_examples
+from latentrag.training import distributed
+from latentrag.training.checkpoint import read_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

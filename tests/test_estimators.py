@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from latentrag.core.errors import LatentragError
-from latentrag.core.gradcheck import checked_parameters, exact_gradient, exact_loss
 from latentrag.core.pipeline import Pipeline
 from latentrag.core.registry import default_registry
 from latentrag.core.types import Batch, Candidates
+from latentrag.experiments.gradcheck import checked_parameters, exact_gradient, exact_loss
 from latentrag.plugins.bow import BowConfig, BowRetriever, bucket_ids
 from latentrag.plugins.estimators.jsa import JsaConfig, JsaEstimator
 from latentrag.plugins.estimators.topk import TopKConfig, TopKEstimator, TopKTokenEstimator
 from latentrag.plugins.estimators.vrag import VragConfig, VragEstimator
 from latentrag.testing import toy_corpus, toy_examples
-from latentrag.testing.toy_components import TableGenerator, TableRetriever, posterior_query
+from latentrag.toy.components import TableGenerator, TableRetriever, posterior_query
 
 T = 0.1
 

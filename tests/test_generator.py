@@ -16,7 +16,7 @@ from latentrag.core.registry import Registry
 from latentrag.plugins import smollm2
 from latentrag.plugins.hf_generator import HFCausalLMGenerator, HFGeneratorConfig
 from latentrag.testing import toy_corpus, toy_examples
-from latentrag.testing.tiny_models import tiny_llama, tiny_tokenizer
+from latentrag.toy.tiny_models import tiny_llama, tiny_tokenizer
 
 TINY = ("tiny-llama", "tiny-gpt2")
 

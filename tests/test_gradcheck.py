@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from latentrag.core.config import load_config
-from latentrag.core.gradcheck import (
+from latentrag.core.pipeline import Pipeline
+from latentrag.core.types import Batch
+from latentrag.experiments.gradcheck import (
     build_estimator,
     checked_parameters,
     compare,
@@ -21,13 +23,11 @@ from latentrag.core.gradcheck import (
     format_table,
     run_gradcheck,
 )
-from latentrag.core.pipeline import Pipeline
-from latentrag.core.types import Batch
 from latentrag.plugins.estimators.jsa import JsaConfig, JsaEstimator
 from latentrag.plugins.estimators.topk import TopKConfig, TopKEstimator, TopKTokenEstimator
 from latentrag.plugins.estimators.vrag import VragConfig, VragEstimator
 from latentrag.testing import toy_corpus, toy_examples
-from latentrag.testing.toy_components import TableGenerator, TableRetriever
+from latentrag.toy.components import TableGenerator, TableRetriever
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "gradcheck.toml"
 T = 0.1

@@ -38,8 +38,8 @@ from latentrag.plugins.gumbel_rerank import (
     successive_softmax_topk_mask,
 )
 from latentrag.plugins.joint_attention import JointPrompt, joint_loglik
-from latentrag.testing.tiny_models import tiny_llama, tiny_tokenizer
-from latentrag.testing.toy import toy_corpus, toy_examples
+from latentrag.toy.corpus import toy_corpus, toy_examples
+from latentrag.toy.tiny_models import tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)

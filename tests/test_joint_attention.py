@@ -26,7 +26,7 @@ from latentrag.plugins.joint_attention import (
     joint_logits,
     joint_loglik,
 )
-from latentrag.testing.tiny_models import tiny_gpt2, tiny_llama, tiny_tokenizer
+from latentrag.toy.tiny_models import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 WORDS = ["cats", "dogs", "birds", "fish", "sleep", "bark", "sing", "swim", "red", "blue", "green"]
 PROMPT = JointPrompt(passage="passage {passage}", question=" question {question} answer")

@@ -12,9 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from latentrag.core.gradcheck import checked_parameters, exact_gradient
 from latentrag.core.pipeline import Pipeline
 from latentrag.core.types import Batch, Example
+from latentrag.experiments.gradcheck import checked_parameters, exact_gradient
 from latentrag.plugins.estimators.jsa import (
     INITIAL,
     JsaConfig,
@@ -22,7 +22,7 @@ from latentrag.plugins.estimators.jsa import (
     metropolis_independence,
 )
 from latentrag.testing import toy_corpus, toy_examples
-from latentrag.testing.toy_components import TableGenerator, TableRetriever, posterior_query
+from latentrag.toy.components import TableGenerator, TableRetriever, posterior_query
 
 T = 0.1
 

@@ -6,8 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from latentrag.core.errors import LatentragError
-from latentrag.core.evaluation import evaluate_qa, evaluate_retrieval
-from latentrag.core.metrics import (
+from latentrag.core.types import Candidates, Corpus, Example, Passage
+from latentrag.evaluation.measure import evaluate_qa, evaluate_retrieval
+from latentrag.evaluation.metrics import (
     bleu,
     exact_match,
     f1,
@@ -15,7 +16,6 @@ from latentrag.core.metrics import (
     normalize_answer,
     recall_at_k,
 )
-from latentrag.core.types import Candidates, Corpus, Example, Passage
 
 
 @pytest.mark.parametrize(

@@ -34,4 +34,4 @@ def test_registered_plugin_is_removed_after(latentrag_registry):
 
 def test_lazy_exports():
     assert testing.check_retriever.__module__ == "latentrag.testing.checks"
-    assert testing.tiny_tokenizer.__module__ == "latentrag.testing.tiny_models"
+    assert testing.tiny_tokenizer.__module__ == "latentrag.toy.tiny_models"

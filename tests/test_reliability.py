@@ -23,10 +23,10 @@ import torch
 from click.testing import CliRunner
 
 from latentrag.cli import main
-from latentrag.core import checkpoint as ckpt
-from latentrag.core.checkpoint import list_checkpoints, read_checkpoint
-from latentrag.core.data import write_jsonl
+from latentrag.data.readers import write_jsonl
 from latentrag.testing import toy_corpus, toy_examples
+from latentrag.training import checkpoint as ckpt
+from latentrag.training.checkpoint import list_checkpoints, read_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

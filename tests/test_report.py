@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from latentrag.cli import main
-from latentrag.core.report import (
+from latentrag.experiments.report import (
     collect,
     mean_curve,
     metric_direction,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from latentrag.core.errors import ConfigError
-from latentrag.core.report import write_report
-from latentrag.core.sweep import (
+from latentrag.experiments.report import write_report
+from latentrag.experiments.sweep import (
     cell_name,
     expand_grid,
     parse_shard,

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from latentrag import hookimpl
-from latentrag.core.checkpoint import list_checkpoints, read_checkpoint
 from latentrag.core.config import (
     ComponentSection,
     PipelineConfig,
@@ -23,9 +22,10 @@ from latentrag.core.errors import ConfigError
 from latentrag.core.interfaces import Estimator, EstimatorOutput, Generator, Retriever
 from latentrag.core.pipeline import Pipeline
 from latentrag.core.registry import Registry
-from latentrag.core.trainer import DataOrder, Trainer, TrainingError
 from latentrag.core.types import Candidates
 from latentrag.testing import toy_corpus, toy_examples
+from latentrag.training.checkpoint import list_checkpoints, read_checkpoint
+from latentrag.training.loop import DataOrder, Trainer, TrainingError
 
 BUCKETS = 97
 

@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .core.hookspecs import hookimpl
+from latentrag.core.hookspecs import hookimpl
 
 try:
     __version__ = version("latentrag")

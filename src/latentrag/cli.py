@@ -66,7 +66,7 @@ def _load(config_file: str, overrides: tuple[str, ...]):
 def components() -> None:
     """List every available component: kind, name, plugin, description."""
     from latentrag.core.registry import catalogue
-    from latentrag.core.tables import format_table
+    from latentrag.experiments.tables import format_table
 
     specs, broken = catalogue()
     rows = [
@@ -82,7 +82,7 @@ def components() -> None:
 def plugins() -> None:
     """List loaded plugins with their version, components, and load errors."""
     from latentrag.core.registry import default_registry
-    from latentrag.core.tables import format_table
+    from latentrag.experiments.tables import format_table
 
     rows = []
     for info in default_registry().plugins():
@@ -117,7 +117,7 @@ def config_validate(config_file: str, overrides: tuple[str, ...]) -> None:
 @set_option
 def config_show(config_file: str, overrides: tuple[str, ...]) -> None:
     """Print the resolved config with every default filled in, as TOML."""
-    from latentrag.core.tomlout import dumps
+    from latentrag.io.toml_writer import dumps
 
     click.echo(dumps(_load(config_file, overrides).to_dict()), nl=False)
 
@@ -128,8 +128,8 @@ def config_show(config_file: str, overrides: tuple[str, ...]) -> None:
 
 def _setup(config_file: str, overrides: tuple[str, ...]):
     """Resolve the config, read its data and build the pipeline (indexing the corpus)."""
-    from latentrag.core.dataset import load_dataset
     from latentrag.core.pipeline import Pipeline
+    from latentrag.data.dataset import load_dataset
 
     resolved = _load(config_file, overrides)
     dataset = load_dataset(resolved.pipeline.data, base=Path(config_file).parent)
@@ -147,8 +147,8 @@ def index() -> None:
 def index_build(config_file: str, overrides: tuple[str, ...]) -> None:
     """(Re)build the indexes of the config's retriever and posterior from scratch, replacing
     any saved (or stale) index in their `index_dir`."""
-    from latentrag.core.dataset import load_dataset
     from latentrag.core.pipeline import Pipeline
+    from latentrag.data.dataset import load_dataset
 
     resolved = _load(config_file, overrides)
     dataset = load_dataset(resolved.pipeline.data, base=Path(config_file).parent)
@@ -174,8 +174,8 @@ def evaluate(
     config_file: str, split: str, qa: bool, limit: int | None, overrides: tuple[str, ...]
 ) -> None:
     """Recall@k and MRR@10 of the retriever against gold passages (EM/F1 with --qa)."""
-    from latentrag.core.evaluation import evaluate_qa, evaluate_retrieval
-    from latentrag.core.tables import format_table
+    from latentrag.evaluation.measure import evaluate_qa, evaluate_retrieval
+    from latentrag.experiments.tables import format_table
 
     resolved, dataset, pipeline = _setup(config_file, overrides)
     examples = dataset.split(split, limit)
@@ -199,10 +199,10 @@ def evaluate(
 @set_option
 def train(config_file: str, out_dir: str, resume: bool, overrides: tuple[str, ...]) -> None:
     """Train the pipeline end to end with its estimator; results go to OUT."""
-    from latentrag.core.runs import train_run
+    from latentrag.experiments.runs import train_run
 
     metrics = train_run(_load(config_file, overrides), Path(config_file), Path(out_dir), resume)
-    from latentrag.core.tables import format_table
+    from latentrag.experiments.tables import format_table
 
     click.echo(format_table([metrics]))
 
@@ -222,7 +222,7 @@ def gradcheck(
     config_file: str, estimators: str, seeds: int, examples: int, overrides: tuple[str, ...]
 ) -> None:
     """Compare each estimator's gradient with the exact one on a tractable corpus."""
-    from latentrag.core.gradcheck import format_table, run_gradcheck
+    from latentrag.experiments.gradcheck import format_table, run_gradcheck
 
     resolved, dataset, _ = _setup(config_file, overrides)
     rows = run_gradcheck(
@@ -260,8 +260,8 @@ def sweep(
     overrides: tuple[str, ...],
 ) -> None:
     """Run a grid of training runs (finished cells are skipped), then print the report."""
-    from latentrag.core.report import write_report
-    from latentrag.core.sweep import parse_shard, run_sweep
+    from latentrag.experiments.report import write_report
+    from latentrag.experiments.sweep import parse_shard, run_sweep
 
     results = run_sweep(
         Path(config_file),
@@ -285,7 +285,7 @@ def sweep(
 @click.argument("sweep_dir", type=click.Path(file_okay=False, exists=True))
 def report(sweep_dir: str) -> None:
     """Collect a sweep folder (shards merged) into results.csv, a table and plots."""
-    from latentrag.core.report import write_report
+    from latentrag.experiments.report import write_report
 
     result = write_report(Path(sweep_dir))
     click.echo(result.markdown)
@@ -301,7 +301,7 @@ def report(sweep_dir: str) -> None:
 )
 def demo(out_dir: str) -> None:
     """The embedded demo: a sweep of estimators on the shipped SQuAD slice, then its report."""
-    from latentrag.demo import run_demo
+    from latentrag.experiments.demo import run_demo
 
     run_demo(Path(out_dir))
 

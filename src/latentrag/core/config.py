@@ -16,8 +16,8 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ConfigError, LatentragError
-from .registry import ComponentSpec, Registry, default_registry
+from latentrag.core.errors import ConfigError, LatentragError
+from latentrag.core.registry import ComponentSpec, Registry, default_registry
 
 #: config section -> component kind
 ROLES: dict[str, str] = {
@@ -64,7 +64,7 @@ class TrainConfig(StrictModel):
 class DataConfig(StrictModel):
     """Where the corpus and examples come from: the shipped "squad-slice", JSONL files
     (`corpus` plus any of `train`/`dev`/`test`), or the dozen-passage "toy" set of
-    `latentrag.testing` (for gradcheck and smoke tests)."""
+    `latentrag.toy` (for gradcheck and smoke tests)."""
 
     source: Literal["squad-slice", "jsonl", "toy"] = "squad-slice"
     corpus: str | None = None

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from .types import Batch, Candidates, Corpus
+    from latentrag.core.types import Batch, Candidates, Corpus
 
 Reduce = Literal["sum", "mean"]
 

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .interfaces import Estimator, Generator, Reduce, Reranker, Retriever
-from .loglik_cache import active_cache, generator_identity
-from .types import Batch, Candidates, Corpus
+from latentrag.core.interfaces import Estimator, Generator, Reduce, Reranker, Retriever
+from latentrag.core.types import Batch, Candidates, Corpus
+from latentrag.training.loglik_cache import active_cache, generator_identity
 
 if TYPE_CHECKING:
-    from .config import ResolvedConfig
+    from latentrag.core.config import ResolvedConfig
 
 SOURCES = ("prior", "posterior", "union", "corpus")
 

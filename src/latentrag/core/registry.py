@@ -22,8 +22,8 @@ import pluggy
 import tomllib
 from pydantic import BaseModel
 
-from . import hookspecs
-from .errors import PluginError, UnknownComponentError
+from latentrag.core import hookspecs
+from latentrag.core.errors import PluginError, UnknownComponentError
 
 KINDS = ("retriever", "reranker", "generator", "estimator")
 ENTRY_POINT_GROUP = "latentrag"

@@ -3,7 +3,7 @@
 ``squad_slice/`` is a 300-paragraph slice of the SQuAD v1.1 dev set (CC BY-SA 4.0; see
 ``squad_slice/NOTICE``), rebuilt by ``scripts/make_squad_slice.py``. Files:
 ``passages.jsonl`` (the corpus) and ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` (questions),
-in the formats documented in :mod:`latentrag.core.data`.
+in the formats documented in :mod:`latentrag.data.readers`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from latentrag.core.data import (
+from latentrag.core.types import Corpus, Example
+from latentrag.data.readers import (
     check_gold_ids,
     read_examples_jsonl,
     read_passages_jsonl,
 )
-from latentrag.core.types import Corpus, Example
 
 __all__ = ["SPLITS", "load_squad_slice", "squad_slice_dir"]
 

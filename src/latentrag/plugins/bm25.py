@@ -23,13 +23,12 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from latentrag import hookimpl
-from latentrag.core.atomic import atomic_file
 from latentrag.core.config import StrictModel
 from latentrag.core.errors import LatentragError, StaleIndexError
 from latentrag.core.interfaces import Retriever
 from latentrag.core.types import Candidates, Corpus
-
-from .tokenize import Tokenizer
+from latentrag.io.atomic import atomic_file
+from latentrag.plugins.tokenize import Tokenizer
 
 log = logging.getLogger(__name__)
 

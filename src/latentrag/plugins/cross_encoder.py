@@ -18,8 +18,7 @@ from torch import Tensor, nn
 from latentrag import hookimpl
 from latentrag.core.config import StrictModel
 from latentrag.core.interfaces import Reranker
-
-from .encoders import check_max_length, load_transformer, pool
+from latentrag.plugins.encoders import check_max_length, load_transformer, pool
 
 
 class CrossEncoderConfig(StrictModel):

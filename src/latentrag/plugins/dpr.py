@@ -23,9 +23,8 @@ from latentrag.core.config import StrictModel
 from latentrag.core.errors import LatentragError
 from latentrag.core.interfaces import Retriever
 from latentrag.core.types import Candidates, Corpus
-
-from .encoders import SentenceEncoder, load_sentence_encoder, state_fingerprint
-from .faiss_index import (
+from latentrag.plugins.encoders import SentenceEncoder, load_sentence_encoder, state_fingerprint
+from latentrag.plugins.faiss_index import (
     IndexManifest,
     IndexOptions,
     IndexType,

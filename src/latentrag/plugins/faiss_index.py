@@ -17,8 +17,8 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from latentrag.core.atomic import atomic_write_bytes
 from latentrag.core.errors import StaleIndexError
+from latentrag.io.atomic import atomic_write_bytes
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"

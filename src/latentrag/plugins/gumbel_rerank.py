@@ -33,9 +33,8 @@ from latentrag.core.errors import LatentragError
 from latentrag.core.interfaces import EstimatorOutput, LatentModel, Reranker
 from latentrag.core.registry import ComponentSpec, default_registry
 from latentrag.core.types import Batch
-
-from .estimators.common import EstimatorConfig, SeededEstimator, generator_forwards
-from .joint_attention import LOG_ZERO
+from latentrag.plugins.estimators.common import EstimatorConfig, SeededEstimator, generator_forwards
+from latentrag.plugins.joint_attention import LOG_ZERO
 
 Relaxation = Literal["max", "successive"]
 

@@ -29,9 +29,8 @@ from latentrag import hookimpl
 from latentrag.core.config import StrictModel
 from latentrag.core.errors import ConfigError
 from latentrag.core.interfaces import Generator, Reduce
-
-from . import smollm2
-from .joint_attention import JointPrompt, joint_loglik
+from latentrag.plugins import smollm2
+from latentrag.plugins.joint_attention import JointPrompt, joint_loglik
 
 DEFAULT_TEMPLATE = "Context: {passage}\nQuestion: {question}\nAnswer:"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
@@ -92,7 +91,7 @@ def load_model_and_tokenizer(config: HFGeneratorConfig):
     """The (model, tokenizer) pair `config.model` names, in `config.dtype`."""
     dtype = DTYPES[config.dtype]
     if config.model in TINY_MODELS:
-        from latentrag.testing.tiny_models import tiny_gpt2, tiny_llama, tiny_tokenizer
+        from latentrag.toy.tiny_models import tiny_gpt2, tiny_llama, tiny_tokenizer
 
         build = tiny_llama if config.model == "tiny-llama" else tiny_gpt2
         tokenizer = tiny_tokenizer()

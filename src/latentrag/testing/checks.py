@@ -21,8 +21,7 @@ from pydantic import BaseModel
 from latentrag.core.errors import LatentragError
 from latentrag.core.interfaces import Estimator, Generator, Reranker, Retriever
 from latentrag.core.types import Batch, Corpus
-
-from .toy import toy_corpus, toy_examples
+from latentrag.toy.corpus import toy_corpus, toy_examples
 
 
 class ConformanceError(AssertionError):
@@ -231,8 +230,7 @@ def check_generator(factory: Callable[[], Generator]) -> None:
 def toy_pipeline(seed: int = 0):
     """Tabular prior, posterior and generator over the toy corpus: exact checks are cheap."""
     from latentrag.core.pipeline import Pipeline
-
-    from .toy_components import TableGenerator, TableRetriever
+    from latentrag.toy.components import TableGenerator, TableRetriever
 
     corpus, examples = toy_corpus(), toy_examples()
     pipeline = Pipeline(
@@ -290,7 +288,7 @@ def check_estimator(
 
 
 def _check_against_exact(factory, batch: Batch, min_cosine: float, seeds: int) -> None:
-    from latentrag.core.gradcheck import compare
+    from latentrag.experiments.gradcheck import compare
 
     pipeline, _ = toy_pipeline()
     estimator = _seeded(factory)

@@ -11,8 +11,7 @@ import pytest
 
 from latentrag.core.registry import Registry
 from latentrag.core.types import Corpus, Example
-
-from .toy import toy_corpus, toy_examples
+from latentrag.toy.corpus import toy_corpus, toy_examples
 
 
 @pytest.fixture

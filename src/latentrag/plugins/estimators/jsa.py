@@ -13,8 +13,7 @@ from latentrag import hookimpl
 from latentrag.core.interfaces import EstimatorOutput, LatentModel
 from latentrag.core.pipeline import pad_rows
 from latentrag.core.types import Batch, Candidates
-
-from .common import (
+from latentrag.plugins.estimators.common import (
     CandidateSource,
     EstimatorConfig,
     SeededEstimator,

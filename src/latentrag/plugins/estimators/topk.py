@@ -8,8 +8,12 @@ from torch import Tensor
 from latentrag import hookimpl
 from latentrag.core.interfaces import Estimator, EstimatorOutput, LatentModel
 from latentrag.core.types import Batch
-
-from .common import CandidateSource, EstimatorConfig, generator_forwards, valid_mask
+from latentrag.plugins.estimators.common import (
+    CandidateSource,
+    EstimatorConfig,
+    generator_forwards,
+    valid_mask,
+)
 
 
 class TopKConfig(EstimatorConfig):

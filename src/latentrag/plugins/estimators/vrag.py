@@ -9,8 +9,7 @@ from torch import Tensor
 from latentrag import hookimpl
 from latentrag.core.interfaces import EstimatorOutput, LatentModel
 from latentrag.core.types import Batch, Candidates
-
-from .common import (
+from latentrag.plugins.estimators.common import (
     CandidateSource,
     EstimatorConfig,
     SeededEstimator,

@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .toy import toy_corpus, toy_examples
+from latentrag.toy.corpus import toy_corpus, toy_examples
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "[UNK]"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0..3, in this order

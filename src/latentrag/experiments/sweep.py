@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_bytes
-from .config import ResolvedConfig, load_config, parse_override
-from .errors import ConfigError, LatentragError
+from latentrag.core.config import ResolvedConfig, load_config, parse_override
+from latentrag.core.errors import ConfigError, LatentragError
+from latentrag.io.atomic import atomic_write_bytes
 
 SWEEP_FILE = "sweep.json"
 CELL_FILE = "cell.json"
@@ -259,7 +259,9 @@ def _error_text(exc: BaseException) -> tuple[str, str]:
 
 
 def _default_train_fn() -> TrainFn:
-    from .runs import train_run  # imports torch: only when a sweep really trains
+    from latentrag.experiments.runs import (
+        train_run,  # imports torch: only when a sweep really trains
+    )
 
     return train_run
 

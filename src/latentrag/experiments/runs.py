@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .atomic import atomic_write_bytes
-from .config import ResolvedConfig
-from .dataset import load_dataset
-from .errors import LatentragError
-from .tomlout import dumps
+from latentrag.core.config import ResolvedConfig
+from latentrag.core.errors import LatentragError
+from latentrag.data.dataset import load_dataset
+from latentrag.io.atomic import atomic_write_bytes
+from latentrag.io.toml_writer import dumps
 
 EVAL_FILE = "eval.json"
 
@@ -23,10 +23,10 @@ def train_run(
     resolved: ResolvedConfig, config_path: Path, out_dir: Path, resume: bool = False
 ) -> dict[str, float]:
     """Train, evaluate before and after on the dev split, and write the run folder."""
-    from .distributed import is_main  # under torchrun, only rank 0 writes files
-    from .evaluation import evaluate_qa, evaluate_retrieval
-    from .pipeline import Pipeline
-    from .trainer import Trainer
+    from latentrag.core.pipeline import Pipeline
+    from latentrag.evaluation.measure import evaluate_qa, evaluate_retrieval
+    from latentrag.training.distributed import is_main  # under torchrun, only rank 0 writes files
+    from latentrag.training.loop import Trainer
 
     settings = resolved.pipeline
     dataset = load_dataset(settings.data, base=config_path.parent)

@@ -48,9 +48,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from latentrag.core.atomic import atomic_write_bytes
 from latentrag.core.errors import LatentragError
 from latentrag.core.types import Corpus, Example, Passage
+from latentrag.io.atomic import atomic_write_bytes
 
 __all__ = [
     "DataError",

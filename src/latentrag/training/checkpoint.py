@@ -34,8 +34,8 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from .atomic import atomic_write_bytes, fsync_dir
-from .errors import LatentragError
+from latentrag.core.errors import LatentragError
+from latentrag.io.atomic import atomic_write_bytes, fsync_dir
 
 KEEP_LAST = 2
 PREFIX = "ckpt-"

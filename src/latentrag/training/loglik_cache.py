@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data import atomic_write_bytes
-from .errors import LatentragError
+from latentrag.core.errors import LatentragError
+from latentrag.data.readers import atomic_write_bytes
 
 FORMAT_VERSION = 1
 

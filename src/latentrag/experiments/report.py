@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_bytes
-from .sweep import CELL_FILE, ERROR_FILE, EVAL_FILE, METRICS_FILE, SWEEP_FILE
-from .tables import format_table
+from latentrag.experiments.sweep import CELL_FILE, ERROR_FILE, EVAL_FILE, METRICS_FILE, SWEEP_FILE
+from latentrag.experiments.tables import format_table
+from latentrag.io.atomic import atomic_write_bytes
 
 CSV_FILE = "results.csv"
 MARKDOWN_FILE = "results.md"

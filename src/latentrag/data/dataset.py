@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .data import check_gold_ids, read_examples_jsonl, read_passages_jsonl
-from .errors import ConfigError
-from .types import Corpus, Example
+from latentrag.core.errors import ConfigError
+from latentrag.core.types import Corpus, Example
+from latentrag.data.readers import check_gold_ids, read_examples_jsonl, read_passages_jsonl
 
 if TYPE_CHECKING:
-    from .config import DataConfig
+    from latentrag.core.config import DataConfig
 
 SPLITS = ("train", "dev", "test")
 
@@ -34,7 +34,7 @@ class Dataset:
 def load_dataset(config: DataConfig, base: Path | None = None) -> Dataset:
     """Read the data a config names; relative paths are taken from `base` (the config's folder)."""
     if config.source == "toy":
-        from latentrag.testing.toy import toy_corpus, toy_examples
+        from latentrag.toy.corpus import toy_corpus, toy_examples
 
         examples = toy_examples()
         return Dataset(toy_corpus(), {name: examples for name in SPLITS})

@@ -25,15 +25,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .core.config import EvalConfig, ResolvedConfig
-from .core.data import atomic_write_bytes
-from .core.errors import LatentragError
-from .core.loglik_cache import LoglikCache, generator_identity, use_cache
-from .core.metrics import exact_match, f1
-from .core.report import write_report
-from .core.sweep import run_sweep
-from .core.tables import format_table
-from .core.tomlout import dumps
+from latentrag.core.config import EvalConfig, ResolvedConfig
+from latentrag.core.errors import LatentragError
+from latentrag.data.readers import atomic_write_bytes
+from latentrag.evaluation.metrics import exact_match, f1
+from latentrag.experiments.report import write_report
+from latentrag.experiments.sweep import run_sweep
+from latentrag.experiments.tables import format_table
+from latentrag.io.toml_writer import dumps
+from latentrag.training.loglik_cache import LoglikCache, generator_identity, use_cache
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo.toml"
 DEMO_ESTIMATORS = ("topk", "vrag", "jsa")
@@ -134,7 +134,7 @@ class DemoRun:
     def measure(self, pipeline, corpus, train, dev, settings: EvalConfig) -> dict[str, float]:
         """The prior's recall@k on `dev`, its recall@1 on the training questions, and EM/F1
         on the first `qa_questions` of `dev`."""
-        from .core.evaluation import evaluate_retrieval
+        from latentrag.evaluation.measure import evaluate_retrieval
 
         metrics = evaluate_retrieval(pipeline, corpus, dev, ks=settings.recall_at)
         metrics = {k: v for k, v in metrics.items() if k.startswith("recall@")}
@@ -151,9 +151,9 @@ class DemoRun:
         self, resolved: ResolvedConfig, config_path: Path, out_dir: Path, resume: bool = False
     ) -> dict[str, float]:
         """Like `core.runs.train_run`, plus EM/F1 before training, the caches and timings."""
-        from .core.dataset import load_dataset
-        from .core.pipeline import Pipeline
-        from .core.trainer import Trainer
+        from latentrag.core.pipeline import Pipeline
+        from latentrag.data.dataset import load_dataset
+        from latentrag.training.loop import Trainer
 
         settings = resolved.pipeline
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import tables
-from .config import ResolvedConfig
-from .interfaces import Estimator, Reduce
-from .pipeline import Pipeline
-from .registry import default_registry
-from .types import Batch, Corpus, Example
+from latentrag.core.config import ResolvedConfig
+from latentrag.core.interfaces import Estimator, Reduce
+from latentrag.core.pipeline import Pipeline
+from latentrag.core.registry import default_registry
+from latentrag.core.types import Batch, Corpus, Example
+from latentrag.experiments import tables
 
 #: estimator config keys that gradcheck copies from the config's [estimator] section to every
 #: estimator it builds (when that estimator has the key); "candidates" is left to each default
@@ -184,7 +184,7 @@ def run_gradcheck(
     either the batch itself or a count taken from the front of `dataset`. When `corpus` /
     `dataset` are None the packaged toy corpus and questions are used. Seeds 0..seeds-1.
     """
-    from latentrag.testing import toy_corpus, toy_examples
+    from latentrag.toy.corpus import toy_corpus, toy_examples
 
     corpus = corpus if corpus is not None else toy_corpus()
     if isinstance(examples, int):

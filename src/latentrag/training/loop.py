@@ -32,8 +32,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .checkpoint import (
+from latentrag.core.config import PipelineConfig, ResolvedConfig
+from latentrag.core.errors import ConfigError, LatentragError
+from latentrag.core.interfaces import Retriever
+from latentrag.core.pipeline import Pipeline
+from latentrag.core.types import Batch, Example
+from latentrag.data.readers import atomic_write_bytes
+from latentrag.evaluation.measure import evaluate_qa, evaluate_retrieval
+from latentrag.training import distributed
+from latentrag.training.checkpoint import (
     Checkpoint,
     capture_rng,
     flatten_optimizer,
@@ -43,13 +50,6 @@ from .checkpoint import (
     save_checkpoint,
     unflatten_optimizer,
 )
-from .config import PipelineConfig, ResolvedConfig
-from .data import atomic_write_bytes
-from .errors import ConfigError, LatentragError
-from .evaluation import evaluate_qa, evaluate_retrieval
-from .interfaces import Retriever
-from .pipeline import Pipeline
-from .types import Batch, Example
 
 METRICS_FILE = "metrics.jsonl"
 #: roles whose learning rate `train.lrs` may set ("retriever" is accepted for "prior")

@@ -8,9 +8,9 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .errors import LatentragError
-from .metrics import exact_match, f1, mrr_at_k, recall_at_k
-from .types import Batch, Candidates, Corpus, Example
+from latentrag.core.errors import LatentragError
+from latentrag.core.types import Batch, Candidates, Corpus, Example
+from latentrag.evaluation.metrics import exact_match, f1, mrr_at_k, recall_at_k
 
 __all__ = ["evaluate_qa", "evaluate_retrieval"]
 
