@@ -66,7 +66,7 @@ class Recorder:
         generator = self.pipeline.generator
         for method in ("loglik", "token_logprobs"):
             setattr(generator, method, self._wrap(getattr(generator, method), counts=True))
-        retrievers = {id(r): r for r in (self.pipeline.prior, self.pipeline.posterior) if r}
+        retrievers = {id(r): r for r in (self.pipeline.retriever, self.pipeline.posterior) if r}
         for retriever in retrievers.values():
             for method in ("retrieve", "score"):
                 setattr(retriever, method, self._wrap(getattr(retriever, method), counts=False))

@@ -65,7 +65,7 @@ def lora_overrides(args: argparse.Namespace) -> list[str]:
         f"estimator.k={args.k}",
         f"train.batch_size={args.batch}",
         f"train.lr={args.prior_lr}",
-        f"train.lrs={{prior = {args.prior_lr}, generator = {args.generator_lr}}}",
+        f"train.lrs={{retriever = {args.prior_lr}, generator = {args.generator_lr}}}",
     ]
 
 

@@ -64,11 +64,11 @@ def test_overrides_are_parsed_as_toml_values():
 
 
 def test_resolved_config_round_trips_through_toml():
-    resolved = resolve({"retriever": {"name": "bm25"}, "train": {"lrs": {"prior": 1e-5}}})
+    resolved = resolve({"retriever": {"name": "bm25"}, "train": {"lrs": {"retriever": 1e-5}}})
     text = dumps(resolved.to_dict())
     again = resolve(tomllib.loads(text))
     assert again.to_dict() == resolved.to_dict()
-    assert again.pipeline.train.lrs == {"prior": 1e-5}
+    assert again.pipeline.train.lrs == {"retriever": 1e-5}
 
 
 def test_estimator_needing_a_posterior_is_refused_without_one(tmp_path):

@@ -85,7 +85,7 @@ class Restless(WrongShape):
 
 
 class Detached(Estimator):
-    trains = ("prior", "generator")
+    trains = ("retriever", "generator")
 
     def loss(self, batch, model):
         cand = model.candidates(batch, "prior", 3)
@@ -104,7 +104,7 @@ def test_non_determinism_is_named():
 
 
 def test_missing_gradient_is_named():
-    with pytest.raises(checks.ConformanceError, match="trains 'prior' but no gradient reaches"):
+    with pytest.raises(checks.ConformanceError, match="trains 'retriever' but no gradient reaches"):
         checks.check_estimator(Detached)
 
 

@@ -74,7 +74,7 @@ def hand_marginal_loss(pipeline: Pipeline, b: Batch) -> torch.Tensor:
     """-mean log Σ_h softmax(score/T)_h p(y|x,h) over the corpus, straight from the parts."""
     n = len(pipeline.corpus)
     rows = torch.arange(n).expand(len(b), n)
-    log_prior = torch.log_softmax(pipeline.prior.score(b.questions, rows) / T, dim=-1)
+    log_prior = torch.log_softmax(pipeline.retriever.score(b.questions, rows) / T, dim=-1)
     texts = pipeline.corpus.texts()
     loglik = pipeline.generator.loglik(b.questions, [texts] * len(b), b.targets)
     return -torch.logsumexp(log_prior + loglik, dim=-1).mean()
@@ -197,7 +197,7 @@ def test_padded_union_candidates_give_finite_losses_and_gradients(estimator):
         assert torch.isfinite(output.loss)
         params = [
             p
-            for c in (pipeline.prior, pipeline.posterior, pipeline.generator)
+            for c in (pipeline.retriever, pipeline.posterior, pipeline.generator)
             for p in c.parameters()
         ]
         grads = torch.autograd.grad(output.loss, params, allow_unused=True)
@@ -241,7 +241,9 @@ def test_vrag_at_the_posterior_has_the_exact_gradient():
 def test_sampled_vrag_gradient_is_unbiased_for_the_exact_elbo_gradient():
     pipeline, b = table_pipeline(posterior_scale=0.05), batch(2)
     params = [
-        p for c in (pipeline.prior, pipeline.posterior, pipeline.generator) for p in c.parameters()
+        p
+        for c in (pipeline.retriever, pipeline.posterior, pipeline.generator)
+        for p in c.parameters()
     ]
 
     def gradient(loss):

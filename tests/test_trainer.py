@@ -107,7 +107,7 @@ class ToyEstimator(Estimator):
     poison: a role whose gradient is made infinite while the loss stays finite.
     """
 
-    def __init__(self, trains=("prior", "generator"), noise=False, nan_at=None, poison=None):
+    def __init__(self, trains=("retriever", "generator"), noise=False, nan_at=None, poison=None):
         self.trains = tuple(trains)
         self.noise = noise
         self.nan_at = nan_at
@@ -208,27 +208,29 @@ def test_per_component_learning_rates(tmp_path):
         progress=False,
     )
     groups = {(g["role"], g["weight_decay"]): g for g in trainer.optimizer.param_groups}
-    assert set(groups) == {("prior", 0.1), ("generator", 0.1)}
-    assert groups[("prior", 0.1)]["lr"] == 0.01 and groups[("generator", 0.1)]["lr"] == 0.002
-    prior_params = {id(p) for p in pipeline.prior.parameters()}
-    assert {id(p) for p in groups[("prior", 0.1)]["params"]} == prior_params
-    with pytest.raises(ConfigError, match="train.lrs: unknown role 'decoder'"):
-        Trainer(pipeline, config(lrs={"decoder": 0.1}), toy_examples(), out_dir=tmp_path)
+    assert set(groups) == {("retriever", 0.1), ("generator", 0.1)}
+    assert groups[("retriever", 0.1)]["lr"] == 0.01 and groups[("generator", 0.1)]["lr"] == 0.002
+    prior_params = {id(p) for p in pipeline.retriever.parameters()}
+    assert {id(p) for p in groups[("retriever", 0.1)]["params"]} == prior_params
+    with pytest.raises(ConfigError, match=r"train.lrs: Value error, unknown role 'decoder'"):
+        resolve({"retriever": {"name": "bm25"}, "train": {"lrs": {"decoder": 0.1}}})
+    with pytest.raises(ConfigError, match="unknown role 'retreiver'; did you mean 'retriever'"):
+        resolve({"retriever": {"name": "bm25"}, "train": {"lrs": {"retreiver": 0.1}}})
 
 
 def test_frozen_roles_get_no_gradient_and_do_not_change(tmp_path):
-    pipeline = make_pipeline(trains=("prior",))
+    pipeline = make_pipeline(trains=("retriever",))
     before = params(pipeline)
     trainer, _ = train(tmp_path, pipeline, steps=2)
     after = params(pipeline)
     for name, param in pipeline.generator.head.named_parameters():
         assert not param.requires_grad and param.grad is None
         assert torch.equal(after[f"generator.head.{name}"], before[f"generator.head.{name}"])
-    assert not torch.equal(after["prior.query.weight"], before["prior.query.weight"])
-    assert [g["role"] for g in trainer.optimizer.param_groups] == ["prior"]
+    assert not torch.equal(after["retriever.query.weight"], before["retriever.query.weight"])
+    assert [g["role"] for g in trainer.optimizer.param_groups] == ["retriever"]
     assert set(read_checkpoint(tmp_path / "ckpt-2").tensors["model"]) == {
-        "prior.query.weight",
-        "prior.passage.weight",
+        "retriever.query.weight",
+        "retriever.passage.weight",
     }
 
 
@@ -354,7 +356,7 @@ def test_eval_and_refresh_happen_on_schedule(tmp_path):
     pipeline.posterior.refresh_every = 3  # a retriever's own interval wins (DPR has one)
     dev = toy_examples()[:3]
     _, result = train(tmp_path, pipeline, dev=dev, steps=4, eval_every=2, refresh_index_every=2)
-    assert (pipeline.prior.refreshes, pipeline.posterior.refreshes) == (2, 1)
+    assert (pipeline.retriever.refreshes, pipeline.posterior.refreshes) == (2, 1)
     evals = [line for line in metric_lines(tmp_path) if "eval" in line]
     assert [line["step"] for line in evals] == [2, 4]
     assert set(evals[0]["eval"]) == {"recall@1", "recall@5", "recall@20", "mrr@10"}
@@ -369,7 +371,7 @@ def test_trains_a_pipeline_built_from_a_config(tmp_path):
                 pass
 
             class EstimatorConfig(StrictModel):
-                trains: list[str] = ["prior"]
+                trains: list[str] = ["retriever"]
 
             register("retriever", "toy", lambda cfg: ToyRetriever(), Empty)
             register("estimator", "toy", lambda cfg: ToyEstimator(cfg.trains), EstimatorConfig)
@@ -387,7 +389,7 @@ def test_trains_a_pipeline_built_from_a_config(tmp_path):
         result = trainer.train()
     assert result["step"] == 3
     saved = read_checkpoint(tmp_path / "ckpt-3").state["config"]
-    assert saved["train"]["lrs"] == {"prior": 0.1} and saved["estimator"]["name"] == "toy"
+    assert saved["train"]["lrs"] == {"retriever": 0.1} and saved["estimator"]["name"] == "toy"
 
 
 def test_resume_is_bitwise_identical_with_jsa_bow_and_tiny_llama(tmp_path):
@@ -410,7 +412,7 @@ def test_resume_is_bitwise_identical_with_jsa_bow_and_tiny_llama(tmp_path):
     whole = run(tmp_path / "whole", 4)
     run(tmp_path / "resumed", 2)  # stopped at step 2, then extended to 4
     resumed = run(tmp_path / "resumed", 4, resume=True)
-    for role in ("prior", "posterior", "generator"):
+    for role in ("retriever", "posterior", "generator"):
         expected, got = whole.roles()[role].state_dict(), resumed.roles()[role].state_dict()
         assert expected.keys() == got.keys()
         assert all(torch.equal(expected[k], got[k]) for k in expected), role
@@ -428,8 +430,8 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path):
     assert metric_lines(tmp_path, drop=()) == lines
     assert again == first
     assert torch.equal(
-        pipeline.prior.query.weight,
-        read_checkpoint(tmp_path / "ckpt-2").tensors["model"]["prior.query.weight"],
+        pipeline.retriever.query.weight,
+        read_checkpoint(tmp_path / "ckpt-2").tensors["model"]["retriever.query.weight"],
     )
 
 
@@ -462,7 +464,7 @@ def test_resume_is_bitwise_identical_with_a_refreshed_dense_index(tmp_path):
     whole = run(tmp_path / "whole", 2)
     run(tmp_path / "resumed", 1)
     resumed = run(tmp_path / "resumed", 2, resume=True)
-    for role in ("prior", "generator"):
+    for role in ("retriever", "generator"):
         expected, got = whole.roles()[role].state_dict(), resumed.roles()[role].state_dict()
         assert all(torch.equal(expected[k], got[k]) for k in expected), role
     questions = [e.question for e in toy_examples()]

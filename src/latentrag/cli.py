@@ -154,7 +154,7 @@ def index_build(config_file: str, overrides: tuple[str, ...]) -> None:
     dataset = load_dataset(resolved.pipeline.data, base=Path(config_file).parent)
     pipeline = Pipeline.from_config(resolved, dataset.corpus, index=False)
     built = set()
-    for role, retriever in (("retriever", pipeline.prior), ("posterior", pipeline.posterior)):
+    for role, retriever in (("retriever", pipeline.retriever), ("posterior", pipeline.posterior)):
         if retriever is None or id(retriever) in built:
             continue
         built.add(id(retriever))

@@ -28,16 +28,16 @@ def test_retriever_gradient_treats_reader_likelihoods_as_constants():
     batch = Batch(examples[:2])
     estimator = Emdr2Estimator(Emdr2Config(k=5, reader_weight=0.0))
     estimator.loss(batch, pipeline).loss.backward()
-    ours = pipeline.prior.table.grad.clone()
+    ours = pipeline.retriever.table.grad.clone()
     assert pipeline.generator.logits.grad is None or pipeline.generator.logits.grad.abs().sum() == 0
 
-    pipeline.prior.table.grad = None
+    pipeline.retriever.table.grad = None
     cand = pipeline.candidates(batch, "prior", 5)
     with torch.no_grad():
         reader = pipeline.loglik(batch, cand)
     log_prior = pipeline.prior_logprobs(batch, cand, 0.1)
     (-torch.logsumexp(log_prior + reader, -1).mean()).backward()
-    torch.testing.assert_close(ours, pipeline.prior.table.grad)
+    torch.testing.assert_close(ours, pipeline.retriever.table.grad)
 
 
 def test_config_names_it_next_to_builtins():

@@ -9,24 +9,27 @@ collected and reported as ``file: section.key: message``, one line each.
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from latentrag.core.errors import ConfigError, LatentragError
 from latentrag.core.registry import ComponentSpec, Registry, default_registry
+from latentrag.core.roles import ROLE_KINDS, TRAINABLE_ROLES, canonical_role
 
-#: config section -> component kind
-ROLES: dict[str, str] = {
-    "retriever": "retriever",
-    "posterior": "retriever",
-    "reranker": "reranker",
-    "generator": "generator",
-    "estimator": "estimator",
-}
+#: config section (role) -> component kind
+ROLES = ROLE_KINDS
 
 
 class StrictModel(BaseModel):
@@ -48,7 +51,8 @@ class TrainConfig(StrictModel):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
     lrs: dict[str, float] = Field(
-        default_factory=dict, description="per-component learning rates, e.g. {prior = 1e-5}"
+        default_factory=dict,
+        description="per-role learning rates, e.g. {retriever = 1e-5, generator = 3e-5}",
     )
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = 1.0
@@ -59,6 +63,21 @@ class TrainConfig(StrictModel):
     eval_qa: bool = Field(False, description="periodic eval also generates answers (EM/F1)")
     refresh_index_every: int = Field(0, ge=0)
     on_nonfinite: Literal["stop", "skip"] = "stop"
+
+
+    @field_validator("lrs")
+    @classmethod
+    def _lrs_name_roles(cls, lrs: dict[str, float]) -> dict[str, float]:
+        known = (*TRAINABLE_ROLES, "estimator")
+        out: dict[str, float] = {}
+        for key, value in lrs.items():
+            role = canonical_role(key, "train.lrs")
+            if role not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown role {key!r}{hint} Roles: {', '.join(known)}")
+            out[role] = value
+        return out
 
 
 class DataConfig(StrictModel):

@@ -134,6 +134,16 @@ class Generator(Component, ABC):
         """Greedy answers, one per query, conditioned on its passages."""
 
 
+@dataclass(frozen=True)
+class Objective:
+    """The exact objective an estimator's gradient is compared with (`latentrag gradcheck`):
+    -log Σ_{h∈corpus} p(h|x) p(y|x,h), with p(h|x) = softmax(score / temperature) over the
+    whole corpus and log p(y|x,h) reduced as `reduce` says ("sum" or per-token "mean")."""
+
+    temperature: float = 1.0
+    reduce: Reduce = "sum"
+
+
 @dataclass
 class EstimatorOutput:
     """A loss whose gradient is the estimator's gradient, and named scalar diagnostics."""
@@ -193,18 +203,52 @@ class Estimator(Component, ABC):
     """Turns a batch into a loss whose gradient is this estimator's gradient.
 
     It never knows which retriever or generator it drives: it talks to a `LatentModel`.
+    What it declares (class attributes, read by the trainer, `config validate` and
+    `latentrag gradcheck`; role names as in `latentrag.core.roles`):
+
+    - ``trains``: the roles whose parameters it updates; the trainer freezes the others and
+      the conformance kit checks that no gradient reaches them;
+    - ``requires``: config sections it cannot work without (checked when a config is
+      resolved; a light config model may carry the same ClassVar so that the check needs no
+      import of the estimator's module);
+    - ``exact``: True when its gradient is meant to equal the exact marginal-likelihood
+      gradient in expectation for the roles it trains (possibly only in a limit, e.g. all
+      candidates or long chains); False when it is biased by design (PDist, EMDR2);
+    - ``persistent``: whether it carries state from one visit of an example to the next.
     """
 
-    #: which components this estimator trains (the trainer freezes the others)
-    trains: tuple[str, ...] = ("prior", "generator")
-    #: config sections the estimator cannot work without (checked when a config is resolved)
+    trains: tuple[str, ...] = ("retriever", "generator")
     requires: tuple[str, ...] = ("retriever", "generator")
-    #: whether it carries state from one visit of an example to the next (JSA's chains)
+    exact: bool = True
     persistent: bool = False
 
     @abstractmethod
     def loss(self, batch: Batch, model: LatentModel) -> EstimatorOutput:
         """The surrogate loss for `batch` and its diagnostics."""
+
+    def trained_roles(self) -> tuple[str, ...]:
+        """`trains` in today's role names (the old "prior" is read as "retriever")."""
+        from .roles import canonical_roles
+
+        return canonical_roles(self.trains, f"{type(self).__name__}.trains")
+
+    def objective(self) -> Objective:
+        """The exact objective this estimator's gradient is compared with.
+
+        By default read from the config's ``temperature`` (required) and ``loglik``
+        ("sum" when absent); an estimator whose settings are named otherwise overrides this.
+        Raises `ConfigError` (one line) when the estimator declares no temperature.
+        """
+        from .errors import ConfigError
+
+        config = self.config
+        temperature = getattr(config, "temperature", None)
+        if not isinstance(temperature, (int, float)):
+            raise ConfigError(
+                f"estimator {type(self).__name__} declares no temperature for p(h|x): give its "
+                "config a `temperature` key or override Estimator.objective()"
+            )
+        return Objective(float(temperature), getattr(config, "loglik", "sum"))
 
     def extra_state(self) -> dict:
         """Estimator state to checkpoint (e.g. JSA's persistent chain cache), JSON-able."""

@@ -66,7 +66,7 @@ class Pipeline:
     ) -> None:
         self.corpus = corpus
         self.rerank_pool = rerank_pool
-        self.prior = retriever
+        self.retriever = retriever
         self.generator = generator
         self.posterior = posterior
         self.reranker = reranker
@@ -83,11 +83,21 @@ class Pipeline:
             pipeline.index()
         return pipeline
 
+    @property
+    def prior(self) -> Retriever:
+        """Deprecated name of `retriever` (the prior p(h|x))."""
+        import warnings
+
+        warnings.warn(
+            "Pipeline.prior is deprecated; use Pipeline.retriever", DeprecationWarning, stacklevel=2
+        )
+        return self.retriever
+
     # -- components ------------------------------------------------------------------
 
     def roles(self) -> dict[str, object]:
         roles = {
-            "prior": self.prior,
+            "retriever": self.retriever,
             "posterior": self.posterior,
             "reranker": self.reranker,
             "generator": self.generator,
@@ -96,8 +106,8 @@ class Pipeline:
         return {k: v for k, v in roles.items() if v is not None}
 
     def index(self) -> None:
-        self.prior.index(self.corpus)
-        if self.posterior is not None and self.posterior is not self.prior:
+        self.retriever.index(self.corpus)
+        if self.posterior is not None and self.posterior is not self.retriever:
             self.posterior.index(self.corpus)
 
     def posterior_queries(self, batch: Batch) -> list[str]:
@@ -117,11 +127,11 @@ class Pipeline:
     @torch.no_grad()
     def candidates(self, batch: Batch, source: str, k: int) -> Candidates:
         if source == "prior":
-            return self.prior.retrieve(batch.questions, k)
+            return self.retriever.retrieve(batch.questions, k)
         if source == "posterior":
             return self._require_posterior().retrieve(self.posterior_queries(batch), k)
         if source == "union":
-            prior = self.prior.retrieve(batch.questions, k)
+            prior = self.retriever.retrieve(batch.questions, k)
             posterior = self._require_posterior().retrieve(self.posterior_queries(batch), k)
             return merge_candidates(prior, posterior)
         if source == "corpus":
@@ -132,7 +142,7 @@ class Pipeline:
     def prior_logprobs(
         self, batch: Batch, candidates: Candidates, temperature: float = 1.0
     ) -> Tensor:
-        scores = self.prior.score(batch.questions, candidates.indices)
+        scores = self.retriever.score(batch.questions, candidates.indices)
         return masked_log_softmax(scores, candidates.mask, temperature)
 
     def posterior_logprobs(
@@ -211,8 +221,8 @@ class Pipeline:
         the prior's top `rerank_pool`."""
         questions = list(questions)
         if self.reranker is None:
-            return self.prior.retrieve(questions, k)
-        pool = self.prior.retrieve(questions, min(max(k, self.rerank_pool), len(self.corpus)))
+            return self.retriever.retrieve(questions, k)
+        pool = self.retriever.retrieve(questions, min(max(k, self.rerank_pool), len(self.corpus)))
         scores = self.reranker.score(questions, self.passages(pool.indices)).float()
         order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
         return Candidates(pool.indices.gather(1, order), scores.gather(1, order))

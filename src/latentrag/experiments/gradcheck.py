@@ -44,7 +44,7 @@ class GradcheckRow:
 def checked_parameters(pipeline: Pipeline) -> list[nn.Parameter]:
     """Trainable parameters of the prior and the generator (each once), in a fixed order."""
     params: dict[int, nn.Parameter] = {}
-    for component in (pipeline.prior, pipeline.generator):
+    for component in (pipeline.retriever, pipeline.generator):
         if component is None:
             continue
         for module in component.trainable_modules().values():

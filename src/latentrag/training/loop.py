@@ -52,9 +52,6 @@ from latentrag.training.checkpoint import (
 )
 
 METRICS_FILE = "metrics.jsonl"
-#: roles whose learning rate `train.lrs` may set ("retriever" is accepted for "prior")
-LR_ROLES = ("prior", "posterior", "reranker", "generator", "estimator")
-_LR_ALIASES = {"retriever": "prior"}
 _RESERVED = {"step", "loss", "lr", "grad_norm", "skipped", "skipped_steps", "wall_s", "eval"}
 
 
@@ -170,6 +167,11 @@ def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
+def _current_key(key: str) -> str:
+    """Checkpoints written before 0.2 name the retriever role "prior"."""
+    return "retriever." + key[len("prior.") :] if key.startswith("prior.") else key
+
+
 class _NoLog:
     """The metrics log of a rank that writes no files."""
 
@@ -267,7 +269,7 @@ class Trainer:
     def _trained_roles(self) -> list[str]:
         """Roles the estimator trains, plus the estimator's own modules (e.g. a baseline)."""
         roles = self.pipeline.roles()
-        wanted = [*self.estimator.trains, "estimator"]
+        wanted = [*self.estimator.trained_roles(), "estimator"]
         return [r for r in dict.fromkeys(wanted) if r in roles]
 
     def _parameters_by_role(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -295,17 +297,7 @@ class Trainer:
                     param.requires_grad_(False)
 
     def _lr(self, role: str) -> float:
-        lrs = self.settings.lrs
-        unknown = sorted(set(lrs) - set(LR_ROLES) - set(_LR_ALIASES))
-        if unknown:
-            raise ConfigError(
-                f"train.lrs: unknown role {unknown[0]!r}; roles: {', '.join(LR_ROLES)}"
-            )
-        aliases = [a for a, target in _LR_ALIASES.items() if target == role]
-        for key in (role, *aliases):
-            if key in lrs:
-                return lrs[key]
-        return self.settings.lr
+        return self.settings.lrs.get(role, self.settings.lr)
 
     def _build_optimizer(self) -> torch.optim.AdamW:
         """AdamW, one parameter group per trained role; as in nanoGPT, weight decay applies
@@ -322,8 +314,9 @@ class Trainer:
                     )
         if not groups:
             raise TrainingError(
-                f"nothing to train: the estimator trains {', '.join(self.estimator.trains)}, "
-                "which have no trainable parameters in this pipeline"
+                "nothing to train: the estimator trains "
+                f"{', '.join(self.estimator.trained_roles())}, which have no trainable "
+                "parameters in this pipeline"
             )
         try:  # the fused kernel is about 10x faster on CPU; not every device or dtype has it
             return torch.optim.AdamW(groups, lr=self.settings.lr, fused=True)
@@ -335,7 +328,7 @@ class Trainer:
         re-encoded: its own `refresh_every` when it sets one (a DPR config key), else
         train.refresh_index_every."""
         schedule: dict[int, tuple[Retriever, int]] = {}
-        for retriever in (self.pipeline.prior, self.pipeline.posterior):
+        for retriever in (self.pipeline.retriever, self.pipeline.posterior):
             if retriever is not None and id(retriever) not in schedule:
                 every = retriever.refresh_every or self.settings.refresh_index_every
                 schedule[id(retriever)] = (retriever, every)
@@ -642,7 +635,7 @@ class Trainer:
         save_checkpoint(self.out_dir, Checkpoint(step, tensors, state), self.keep_last)
 
     def _load_weights(self, checkpoint: Checkpoint) -> None:
-        model = checkpoint.tensors["model"]
+        model = {_current_key(k): v for k, v in checkpoint.tensors["model"].items()}
         for role, component in self._trained_components().items():
             prefix = role + "."
             component.load_state_dict(

@@ -29,7 +29,7 @@ class Emdr2Config(StrictModel):
 
 
 class Emdr2Estimator(Estimator):
-    trains = ("prior", "generator")
+    trains = ("retriever", "generator")
 
     def __init__(self, config: Emdr2Config) -> None:
         self.config = config

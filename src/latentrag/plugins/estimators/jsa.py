@@ -91,7 +91,7 @@ class JsaEstimator(SeededEstimator):
     at stationarity (the persistent chain, carried across visits, removes most of that).
     """
 
-    trains = ("prior", "posterior", "generator")
+    trains = ("retriever", "posterior", "generator")
     requires = ("retriever", "posterior", "generator")
 
     def __init__(self, config: JsaConfig) -> None:

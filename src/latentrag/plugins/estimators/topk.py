@@ -29,7 +29,7 @@ class TopKEstimator(Estimator):
     the exact marginal likelihood and its exact gradient.
     """
 
-    trains = ("prior", "generator")
+    trains = ("retriever", "generator")
 
     def __init__(self, config: TopKConfig) -> None:
         self.config = config

@@ -43,7 +43,7 @@ class VragEstimator(SeededEstimator):
     and passages outside the candidate set are ignored.
     """
 
-    trains = ("prior", "posterior", "generator")
+    trains = ("retriever", "posterior", "generator")
     requires = ("retriever", "posterior", "generator")
 
     def __init__(self, config: VragConfig) -> None:
