@@ -19,7 +19,7 @@ TINY = {
     ("retriever", "bow"): {},
     ("retriever", "dpr"): {"model": "tiny-random"},
     ("reranker", "cross-encoder"): {"model": "tiny-random"},
-    ("reranker", "gumbel"): {"inner_config": {"model": "tiny-random"}},
+    ("reranker", "gumbel"): {"inner": {"name": "cross-encoder", "model": "tiny-random"}},
     ("generator", "hf-causal-lm"): {"model": "tiny-llama"},
     ("estimator", "topk"): {"k": 4},
     ("estimator", "topk-token"): {"k": 4},

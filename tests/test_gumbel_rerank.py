@@ -191,7 +191,7 @@ def bow_registered():
 
 
 def test_wrapper_scores_with_the_inner_reranker_and_masks(bow_registered):
-    reranker = GumbelReranker(GumbelRerankConfig(inner="test-bow", inner_config={"dim": 8}, k=2))
+    reranker = GumbelReranker(GumbelRerankConfig(inner={"name": "test-bow", "dim": 8}, k=2))
     assert isinstance(reranker.inner, BowReranker) and reranker.inner.config.dim == 8
     scores = reranker.score(["a b", "c"], [["a", "b", "x"], ["c", "y", "z"]])
     torch.testing.assert_close(
@@ -200,34 +200,49 @@ def test_wrapper_scores_with_the_inner_reranker_and_masks(bow_registered):
     assert torch.equal(reranker.mask(scores, training=False), hard_topk_mask(scores, 2))
     first, second = reranker.mask(scores, training=True), reranker.mask(scores, training=True)
     assert not torch.equal(first, second)  # stochastic
-    again = GumbelReranker(GumbelRerankConfig(inner="test-bow", inner_config={"dim": 8}, k=2))
+    again = GumbelReranker(GumbelRerankConfig(inner={"name": "test-bow", "dim": 8}, k=2))
     torch.testing.assert_close(again.mask(scores, training=True), first)  # seeded
     assert reranker.trainable_modules() == reranker.inner.trainable_modules()
 
 
-def test_inner_config_is_checked_by_the_inner_components_model(bow_registered):
-    with pytest.raises(ValidationError, match=r"inner_config\.colour.*'test-bow'"):
-        GumbelRerankConfig(inner="test-bow", inner_config={"colour": 1})
-    with pytest.raises(ValidationError, match="did you mean 'test-bow'"):
-        GumbelRerankConfig(inner="test-bov")
+def test_inner_section_is_checked_by_the_inner_components_model(bow_registered):
+    base = {"retriever": {"name": "bm25"}}
+    with pytest.raises(ConfigError, match=r"run.toml: reranker\.inner\.colour: unknown key"):
+        resolve(
+            {**base, "reranker": {"name": "gumbel", "inner": {"name": "test-bow", "colour": 1}}},
+            "run.toml",
+        )
+    with pytest.raises(ConfigError, match=r"reranker\.inner\.name: .*did you mean 'test-bow'"):
+        resolve({**base, "reranker": {"name": "gumbel", "inner": {"name": "test-bov"}}})
     with pytest.raises(ValidationError, match="must score"):
-        GumbelRerankConfig(inner="gumbel")
+        GumbelRerankConfig(inner={"name": "gumbel"})
+
+
+def test_the_old_inner_config_form_still_works_with_a_deprecation_warning(bow_registered):
+    with pytest.warns(DeprecationWarning, match="inner_config is deprecated"):
+        config = GumbelRerankConfig(inner="test-bow", inner_config={"dim": 8}, k=2)
+    assert config.inner.name == "test-bow" and config.inner.options() == {"dim": 8}
+    assert isinstance(GumbelReranker(config).inner, BowReranker)
 
 
 def test_a_config_file_names_the_bad_inner_key(bow_registered):
     data = {
         "retriever": {"name": "bm25"},
-        "reranker": {"name": "gumbel", "inner": "test-bow", "inner_config": {"dimm": 4}},
+        "reranker": {"name": "gumbel", "inner": {"name": "test-bow", "dimm": 4}},
     }
-    with pytest.raises(ConfigError, match=r"reranker.*inner_config\.dimm"):
+    with pytest.raises(ConfigError, match=r"^run.toml: reranker\.inner\.dimm: unknown key$"):
         resolve(data, "run.toml")
-    data["reranker"]["inner_config"] = {"dim": 4}
-    spec, config = resolve(data, "run.toml").component("reranker")
-    assert spec.build(config).inner.config.dim == 4
+    data["reranker"]["inner"] = {"name": "test-bow", "dim": 4}
+    resolved = resolve(data, "run.toml")
+    spec, config = resolved.component("reranker")
+    assert spec.build(config, resolved.build_context()).inner.config.dim == 4
+    assert resolved.to_dict()["reranker"]["inner"] == {"name": "test-bow", "dim": 4, "seed": 0}
 
 
 def test_gradients_reach_the_cross_encoder_through_the_mask():
-    config = GumbelRerankConfig(inner_config={"model": "tiny-random", "max_length": 32}, k=2)
+    config = GumbelRerankConfig(
+        inner={"name": "cross-encoder", "model": "tiny-random", "max_length": 32}, k=2
+    )
     reranker = GumbelReranker(config)
     scores = reranker.score(["who wrote it"], [["the city", "a river", "the war"]])
     mask = reranker.mask(scores, training=True)

@@ -12,21 +12,23 @@ import copy
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 from latentrag.core.errors import ConfigError, LatentragError
 from latentrag.core.registry import ComponentSpec, Registry, default_registry
-from latentrag.core.roles import ROLE_KINDS, TRAINABLE_ROLES, canonical_role
+from latentrag.core.roles import ROLE_KINDS, TRAINABLE_ROLES, canonical_role, canonical_roles
 
 #: config section (role) -> component kind
 ROLES = ROLE_KINDS
@@ -36,6 +38,109 @@ class StrictModel(BaseModel):
     """Base for every config model: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class ComponentRef(BaseModel):
+    """A config field that holds another registered component: its registry `name` and
+    its options, checked by that component's own model when the config is resolved.
+
+    Use the subclass for the kind wanted (`RetrieverRef`, `RerankerRef`, `GeneratorRef`)::
+
+        class FusionConfig(StrictModel):
+            first: RetrieverRef
+            second: RetrieverRef
+
+    and in TOML ``[retriever.first]`` ``name = "bm25"``. An error inside names its full path
+    (``retriever.second.modle: unknown key``). The factory builds it with
+    ``context.build(config.first)`` (see `BuildContext`), from the registry that resolved
+    the config, so components registered in a test's registry can be wrapped too.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    kind: ClassVar[str] = ""
+    name: str
+    _spec: ComponentSpec | None = PrivateAttr(None)
+    _config: BaseModel | None = PrivateAttr(None)
+
+    @property
+    def spec(self) -> ComponentSpec:
+        if self._spec is None:
+            raise ConfigError(f"{self.kind} {self.name!r}: not resolved yet (see BuildContext)")
+        return self._spec
+
+    @property
+    def config(self) -> BaseModel:
+        """The nested component's validated config (defaults filled in)."""
+        if self._config is None:
+            raise ConfigError(f"{self.kind} {self.name!r}: not resolved yet (see BuildContext)")
+        return self._config
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any, info: Any) -> dict[str, Any]:
+        if self._config is None:
+            return handler(self)
+        inner = self._config.model_dump(mode=info.mode, exclude_none=info.exclude_none)
+        return {"name": self.name, **inner}
+
+
+class RetrieverRef(ComponentRef):
+    kind: ClassVar[str] = "retriever"
+
+
+class RerankerRef(ComponentRef):
+    kind: ClassVar[str] = "reranker"
+
+
+class GeneratorRef(ComponentRef):
+    kind: ClassVar[str] = "generator"
+
+
+def resolve_refs(
+    config: BaseModel, path: str, registry: Registry, source: str = "<config>"
+) -> list[str]:
+    """Validate every `ComponentRef` inside `config` (recursively) against `registry`;
+    return the problems as ``source: path.key: message`` lines."""
+    problems: list[str] = []
+    for field_name in type(config).model_fields:
+        value = getattr(config, field_name)
+        if isinstance(value, ComponentRef):
+            problems += _resolve_ref(value, f"{path}.{field_name}", registry, source)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if isinstance(item, ComponentRef):
+                    problems += _resolve_ref(item, f"{path}.{field_name}.{i}", registry, source)
+    return problems
+
+
+def _resolve_ref(ref: ComponentRef, path: str, registry: Registry, source: str) -> list[str]:
+    try:
+        spec = registry.get(ref.kind, ref.name)
+    except LatentragError as exc:
+        return [f"{source}: {path}.name: {exc}"]
+    try:
+        config = spec.config_model.model_validate(ref.options())
+    except ValidationError as exc:
+        return _errors(source, path, exc)
+    ref._spec, ref._config = spec, config
+    return resolve_refs(config, path, registry, source)
+
+
+@dataclass
+class BuildContext:
+    """Handed to factories that take it: builds the components nested in their config."""
+
+    registry: Registry
+
+    def build(self, ref: ComponentRef) -> Any:
+        """The component `ref` names, built with its validated options."""
+        if ref._spec is None:
+            problems = _resolve_ref(ref, ref.kind, self.registry, "<config>")
+            if problems:
+                raise ConfigError("\n".join(problems))
+        return ref.spec.build(ref.config, self)
 
 
 class ComponentSection(BaseModel):
@@ -125,6 +230,11 @@ class ResolvedConfig:
     pipeline: PipelineConfig
     components: dict[str, tuple[ComponentSpec, BaseModel]]
     source: str = "<config>"
+    registry: Registry | None = None
+
+    def build_context(self) -> BuildContext:
+        """What the factories of this config's components are handed."""
+        return BuildContext(self.registry or default_registry())
 
     def component(self, role: str) -> tuple[ComponentSpec, BaseModel] | None:
         return self.components.get(role)
@@ -217,6 +327,7 @@ def resolve(
         try:
             spec = registry.get(kind, section["name"])
             components[role] = (spec, spec.config_model.model_validate(options))
+            problems.extend(resolve_refs(components[role][1], role, registry, source))
         except LatentragError as exc:
             problems.append(f"{source}: {role}.name: {exc}")
         except ValidationError as exc:
@@ -224,7 +335,7 @@ def resolve(
     problems.extend(_missing_sections(data, components, source))
     if problems or pipeline is None:
         raise ConfigError("\n".join(problems))
-    return ResolvedConfig(pipeline, components, source)
+    return ResolvedConfig(pipeline, components, source, registry)
 
 
 def _missing_sections(
@@ -234,7 +345,7 @@ def _missing_sections(
     if "estimator" not in components:
         return []
     spec = components["estimator"][0]
-    required = getattr(spec.factory, "requires", ())
+    required = canonical_roles(spec.declared("requires", ()), f"estimator {spec.name!r} requires")
     return [
         f"{source}: {role}: required by estimator {spec.name!r} (add a [{role}] section)"
         for role in required

@@ -25,7 +25,12 @@ def register_components(register: Callable[..., None]) -> None:
     - ``kind``: "retriever", "reranker", "generator" or "estimator";
     - ``name``: the name a config uses (``[retriever] name = "bm25"``), unique per kind;
     - ``factory``: called as ``factory(config)`` with a validated ``config_model`` instance,
-      returns the component;
+      returns the component. A factory with a second parameter is called as
+      ``factory(config, context)``: ``context.build(config.some_section)`` builds a component
+      nested in its config (see `latentrag.core.config.ComponentRef`). The factory may be
+      given as a ``"package.module:attribute"`` string, imported only when the component is
+      first built: keep the hook's module light (pydantic only) and put torch code there;
+      then ``config validate`` never imports it;
     - ``config_model``: a pydantic model (``extra="forbid"``) for the component's section,
       without the ``name`` key;
     - ``description``: one line shown by ``latentrag components``.

@@ -77,7 +77,8 @@ class Pipeline:
     @classmethod
     def from_config(cls, config: ResolvedConfig, corpus: Corpus, index: bool = True) -> Pipeline:
         """Build every configured component and (unless `index` is False) index the corpus."""
-        built = {role: spec.build(cfg) for role, (spec, cfg) in config.components.items()}
+        context = config.build_context()
+        built = {role: spec.build(cfg, context) for role, (spec, cfg) in config.components.items()}
         pipeline = cls(corpus, **built, rerank_pool=config.pipeline.eval.rerank_pool)
         if index:
             pipeline.index()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,21 +30,69 @@ KINDS = ("retriever", "reranker", "generator", "estimator")
 ENTRY_POINT_GROUP = "latentrag"
 
 
+#: a factory: a callable, or "package.module:attribute" naming one (imported when first built)
+Factory = Callable[..., Any] | str
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
-    """A registered component. `factory` is None for a catalogue entry not yet loaded."""
+    """A registered component. `factory` is None for a catalogue entry not yet loaded.
+
+    A factory given as a "module:attribute" string is imported only when the component is
+    built, so that validating a config imports nothing but the plugin's light module.
+    """
 
     kind: str
     name: str
     plugin: str
     description: str
     config_model: type[BaseModel] | None = None
-    factory: Callable[[Any], Any] | None = None
+    factory: Factory | None = None
 
-    def build(self, config: BaseModel | None = None) -> Any:
-        """Instantiate the component from a validated config (defaults when None)."""
-        assert self.factory is not None and self.config_model is not None
-        return self.factory(config if config is not None else self.config_model())
+    def load_factory(self) -> Callable[..., Any]:
+        """The factory callable, importing its module when it was registered by name."""
+        assert self.factory is not None, f"{self.kind} {self.name!r} is not loaded"
+        if callable(self.factory):
+            return self.factory
+        module, _, attribute = self.factory.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as exc:
+            raise PluginError(
+                f"{self.kind} {self.name!r} (plugin {self.plugin!r}): cannot load its factory "
+                f"{self.factory!r}: {_describe(exc)}"
+            ) from None
+
+    def declared(self, attribute: str, default: Any = None) -> Any:
+        """A declaration (e.g. an estimator's `requires`) from the config model, or from the
+        factory when it is an already imported class; `default` otherwise."""
+        for owner in (self.config_model, None if isinstance(self.factory, str) else self.factory):
+            if owner is not None and hasattr(owner, attribute):
+                return getattr(owner, attribute)
+        return default
+
+    def build(self, config: BaseModel | None = None, context: Any = None) -> Any:
+        """Instantiate the component from a validated config (defaults when None).
+
+        A factory that takes a second parameter receives `context` (a `BuildContext`),
+        through which it builds the components nested in its config."""
+        assert self.config_model is not None
+        factory = self.load_factory()
+        config = config if config is not None else self.config_model()
+        if _takes_context(factory):
+            return factory(config, context)
+        return factory(config)
+
+
+def _takes_context(factory: Callable[..., Any]) -> bool:
+    try:
+        parameters = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(positional) >= 2 or any(p.name == "context" for p in parameters)
 
 
 @dataclass
@@ -184,12 +233,14 @@ class Registry:
         added: list[tuple[str, str]],
         kind: str,
         name: str,
-        factory: Callable[[Any], Any],
+        factory: Factory,
         config_model: type[BaseModel],
         description: str = "",
     ) -> None:
         if kind not in KINDS:
             raise PluginError(f"unknown component kind {kind!r} (kinds: {', '.join(KINDS)})")
+        if isinstance(factory, str) and ":" not in factory:
+            raise PluginError(f"{kind} {name!r}: a factory named by a string is 'module:attr'")
         if not (isinstance(config_model, type) and issubclass(config_model, BaseModel)):
             raise PluginError(f"{kind} {name!r}: config_model must be a pydantic model class")
         key = (kind, name)

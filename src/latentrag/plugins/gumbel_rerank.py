@@ -20,18 +20,18 @@ Three pieces, one concept each:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from latentrag import hookimpl
-from latentrag.core.config import StrictModel
-from latentrag.core.errors import LatentragError
+from latentrag.core.config import BuildContext, RerankerRef, StrictModel
 from latentrag.core.interfaces import EstimatorOutput, LatentModel, Reranker
-from latentrag.core.registry import ComponentSpec, default_registry
+from latentrag.core.registry import default_registry
 from latentrag.core.types import Batch
 from latentrag.plugins.estimators.common import EstimatorConfig, SeededEstimator, generator_forwards
 from latentrag.plugins.joint_attention import LOG_ZERO
@@ -191,32 +191,13 @@ def relaxed_log_mask(
 # -- the reranker ----------------------------------------------------------------------
 
 
-def _inner_spec(name: str) -> ComponentSpec:
-    """The registered inner reranker; never another "gumbel" (a mask over a mask)."""
-    if name == "gumbel":
-        raise ValueError("inner = 'gumbel': the inner reranker must score, not mask")
-    try:
-        return default_registry().get("reranker", name)
-    except LatentragError as exc:
-        raise ValueError(f"inner = {name!r}: {exc}") from None
-
-
-def _validate_inner_config(spec: ComponentSpec, options: dict[str, Any]) -> BaseModel:
-    try:
-        return spec.config_model.model_validate(options)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"inner_config.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-        )
-        raise ValueError(f"{problems} (checked by reranker {spec.name!r})") from None
-
-
 class GumbelRerankConfig(StrictModel):
-    """The wrapped reranker (a registry name and its options) and the mask's parameters."""
+    """The wrapped reranker (a `[reranker.inner]` section: its registry name and options,
+    checked by that reranker's own model) and the mask's parameters."""
 
-    inner: str = Field("cross-encoder", description="registry name of the scoring reranker")
-    inner_config: dict[str, Any] = Field(
-        default_factory=dict, description="options of the inner reranker, checked by its model"
+    inner: RerankerRef = Field(
+        default_factory=lambda: RerankerRef(name="cross-encoder"),
+        description="the scoring reranker, e.g. { name = 'cross-encoder', model = 'minilm' }",
     )
     tau: float = Field(0.5, gt=0, description="softmax temperature of the relaxed mask")
     kappa: float = Field(1.0, gt=0, description="scale of the scores before the noise")
@@ -224,11 +205,28 @@ class GumbelRerankConfig(StrictModel):
     relaxation: Relaxation = "max"
     seed: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_inner_form(cls, data: Any) -> Any:
+        """Before 0.2 the inner reranker was `inner = "name"` plus `inner_config = {...}`."""
+        if isinstance(data, dict) and (
+            isinstance(data.get("inner"), str) or "inner_config" in data
+        ):
+            warnings.warn(
+                "reranker.inner_config is deprecated: write the inner reranker as a section, "
+                "inner = { name = 'cross-encoder', ... }",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            data = dict(data)
+            name = data.pop("inner", "cross-encoder")
+            data["inner"] = {"name": name, **data.pop("inner_config", {})}
+        return data
+
     @model_validator(mode="after")
-    def _check_inner(self) -> GumbelRerankConfig:
-        inner = _validate_inner_config(_inner_spec(self.inner), self.inner_config)
-        # keep the inner defaults too, so that `config show` prints the full config
-        self.inner_config = inner.model_dump(mode="json", exclude_none=True)
+    def _inner_scores(self) -> GumbelRerankConfig:
+        if self.inner.name == "gumbel":
+            raise ValueError("inner = 'gumbel': the inner reranker must score, not mask")
         return self
 
 
@@ -236,10 +234,10 @@ class GumbelReranker(Reranker):
     """Scores with the inner reranker; masks with a relaxed top-k in training, the hard
     top-k at inference."""
 
-    def __init__(self, config: GumbelRerankConfig) -> None:
+    def __init__(self, config: GumbelRerankConfig, context: BuildContext | None = None) -> None:
         self.config = config
-        spec = _inner_spec(config.inner)
-        self.inner: Reranker = spec.build(_validate_inner_config(spec, config.inner_config))
+        context = context or BuildContext(default_registry())
+        self.inner: Reranker = context.build(config.inner)
         self.rng = torch.Generator().manual_seed(config.seed)
 
     def score(self, queries: Sequence[str], passages: Sequence[Sequence[str]]) -> Tensor:
