@@ -7,30 +7,13 @@ the values nor the gradients ever see `0 * -inf` (NaN).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import Tensor
 
-from latentrag.core.config import StrictModel
 from latentrag.core.interfaces import Estimator, LatentModel
+from latentrag.plugins.estimators.config import CandidateSource, EstimatorConfig
 
-CandidateSource = Literal["prior", "posterior", "union", "corpus"]
-
-
-class EstimatorConfig(StrictModel):
-    """Keys every estimator understands.
-
-    temperature: 0.1 by default, as in the JSA-RAG authors' released code (scores are
-    divided by it before the softmax over the candidate set). loglik: "sum" is the sequence
-    log-probability log p(y|x,h); "mean" is the released code's per-token mean.
-    """
-
-    k: int = Field(8, ge=1, description="candidates per retriever")
-    candidates: CandidateSource = Field("prior", description="where the candidate set comes from")
-    temperature: float = Field(0.1, gt=0, description="softmax temperature of p(h|x), q(h|x,y)")
-    loglik: Literal["sum", "mean"] = Field("sum", description="sequence log-prob or token mean")
+__all__ = ["CandidateSource", "EstimatorConfig", "SeededEstimator"]
 
 
 class SeededEstimator(Estimator):
