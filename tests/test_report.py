@@ -1,4 +1,4 @@
-"""Reports: collecting run folders, results.csv, the mean ± std table, plots."""
+"""Reports: collecting run folders, results.csv, the mean ± 95% interval table, plots."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from click.testing import CliRunner
 
 from latentrag.cli import main
 from latentrag.experiments.report import (
+    band,
     collect,
-    mean_curve,
     metric_direction,
-    read_losses,
+    paired_difference,
+    read_eval_curve,
+    result_metrics,
     summarise,
     write_report,
 )
@@ -45,8 +47,10 @@ def add_run(
         (run / "eval.json").write_text(json.dumps(metrics))
     if error is not None:
         (run / "error.txt").write_text(f"{error}\n\nTraceback (most recent call last):\n  ...\n")
-    lines = [{"step": i + 1, "loss": loss, "wall_time": 1.0} for i, loss in enumerate(losses)]
-    lines.append({"step": len(losses), "eval": {"recall@1": 0.0}})
+    lines = []
+    for i, loss in enumerate(losses):
+        lines.append({"step": i + 1, "loss": loss, "wall_time": 1.0})
+        lines.append({"step": i + 1, "eval": {"recall@1": 0.1 * (i + seed)}})
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return run
 
@@ -94,16 +98,17 @@ def table_cells(markdown: str) -> list[list[str]]:
     return [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows]
 
 
-def test_markdown_table_has_mean_std_seeds_and_best_in_bold(sweep_dir):
+def test_markdown_table_has_mean_interval_seeds_and_best_in_bold(sweep_dir):
     markdown = write_report(sweep_dir).markdown
     header, *cells = table_cells(markdown)
     assert header == ["estimator.name", "train.lr", "seeds", "failed", "loss", "recall@1"]
-    # topk recall 0.2/0.4/0.6: mean 0.4, std (ddof=1) 0.2; loss 1/2/3: mean 2, std 1
-    assert cells[0] == ["topk", "0.001", "3", "0", "2 ± 1", "**0.4 ± 0.2**"]
-    # jsa recall 0.1/0.3: mean 0.2, std 0.1414; loss 0.5/0.7: mean 0.6 (lower is better)
-    assert cells[1] == ["jsa", "0.001", "2", "1", "**0.6 ± 0.14**", "0.2 ± 0.14"]
+    # topk recall 0.2/0.4/0.6: mean 0.4, std 0.2, t(0.975, 2) = 4.303 -> ± 0.497
+    # loss 1/2/3: mean 2, std 1 -> ± 2.48
+    assert cells[0] == ["topk", "0.001", "3", "0", "2 ± 2.5", "**0.4 ± 0.5**"]
+    # jsa recall 0.1/0.3: std 0.1414, t(0.975, 1) = 12.71 -> ± 1.27; loss lower is better
+    assert cells[1] == ["jsa", "0.001", "2", "1", "**0.6 ± 1.3**", "0.2 ± 1.3"]
     assert "- `estimator.name=jsa__train.lr=0.001__seed=2`: RuntimeError: loss is nan" in markdown
-    assert "ddof=1" in markdown
+    assert "95% confidence interval" in markdown
     assert (sweep_dir / "results.md").read_text() == markdown
 
 
@@ -123,7 +128,8 @@ def test_summarise():
     summary = summarise([1.0, 2.0, 4.0])
     assert summary.mean == pytest.approx(7 / 3)
     assert summary.std == pytest.approx(1.5275252316519468)
-    assert summarise([3.0]).std is None
+    assert summary.half_width == pytest.approx(4.302652729911275 * 1.5275252316519468 / 3**0.5)
+    assert summarise([3.0]).std is None and summarise([3.0]).interval is None
     assert summarise([float("nan")]) is None
 
 
@@ -171,12 +177,42 @@ def test_empty_folder_gives_an_empty_report(tmp_path):
     assert report.plots == []
 
 
-def test_losses_skip_eval_lines_and_a_line_cut_short(tmp_path):
+def test_eval_curves_skip_loss_lines_and_a_line_cut_short(tmp_path):
     run = add_run(tmp_path, "topk", 0, losses=[3.0, 2.0])
     with open(run / "metrics.jsonl", "a") as handle:
-        handle.write('{"step": 3, "lo')
-    assert read_losses(run) == {1: 3.0, 2: 2.0}
-    assert mean_curve([{1: 3.0, 2: 2.0}, {1: 5.0}]) == ([1, 2], [4.0, 2.0])
+        handle.write('{"step": 3, "ev')
+    assert read_eval_curve(run, "recall@1") == {1: 0.0, 2: 0.1}
+    steps, means, widths = band([{1: 0.0, 2: 0.2}, {1: 0.2, 2: 0.4}, {2: 9.0}])
+    assert steps == [2] and means == pytest.approx([3.2])  # only steps every seed reached
+    steps, means, widths = band([{1: 0.0, 2: 0.2}, {1: 0.2, 2: 0.4}])
+    assert steps == [1, 2] and means == pytest.approx([0.1, 0.3])
+    assert widths == pytest.approx([12.706204736174698 * 0.1414213562373095 / 2**0.5] * 2)
+
+
+def test_paired_difference_gives_the_verdict_from_the_interval(tmp_path):
+    for seed, (a, b) in enumerate([(0.50, 0.40), (0.62, 0.50), (0.55, 0.46), (0.70, 0.59)]):
+        add_run(tmp_path, "jsa", seed, {"recall@1": a, "loss": 1.0})
+        add_run(tmp_path, "topk", seed, {"recall@1": b, "loss": 1.0 + 0.1 * (-1) ** seed})
+    rows = collect(tmp_path)
+    jsa, topk = {"estimator.name": "jsa"}, {"estimator.name": "topk"}
+    diff = paired_difference(rows, "recall@1", jsa, topk)
+    # differences 0.10, 0.12, 0.09, 0.11: mean 0.105, std 0.0129, t(0.975, 3) = 3.182
+    assert diff.summary.mean == pytest.approx(0.105) and diff.separated
+    expected = "jsa > topk on recall@1: yes, +0.105 [+0.0845, +0.126] (4 paired seeds)"
+    assert diff.verdict() == expected
+    reverse = paired_difference(rows, "recall@1", topk, jsa)
+    assert reverse.verdict().startswith("topk > jsa on recall@1: no, the reverse, -0.105")
+    noisy = paired_difference(rows, "loss", jsa, topk)
+    assert not noisy.separated and "no difference beyond noise" in noisy.verdict()
+    assert paired_difference(rows, "recall@1", jsa, {"estimator.name": "vrag"}) is None
+
+
+def test_plotted_metrics_leave_out_bookkeeping_and_constant_columns(tmp_path):
+    add_run(tmp_path, "topk", 0, {"recall@1": 0.2, "recall@1 (before)": 0.1, "em": 0.0,
+                                  "train_s": 12.0, "pairs_scored": 30})  # fmt: skip
+    add_run(tmp_path, "jsa", 0, {"recall@1": 0.3, "recall@1 (before)": 0.1, "em": 0.0,
+                                 "train_s": 15.0, "pairs_scored": 40})  # fmt: skip
+    assert result_metrics(collect(tmp_path)) == ["recall@1"]
 
 
 def test_plots_are_png_files(sweep_dir):
@@ -199,5 +235,5 @@ def test_without_matplotlib_the_report_says_so(sweep_dir, monkeypatch):
 def test_report_command(sweep_dir):
     result = CliRunner().invoke(main, ["report", str(sweep_dir)])
     assert result.exit_code == 0, result.output
-    assert "**0.4 ± 0.2**" in result.output
+    assert "**0.4 ± 0.5**" in result.output
     assert f"results: {sweep_dir / 'results.csv'}" in result.output

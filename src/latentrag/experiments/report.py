@@ -1,7 +1,9 @@
 """Sweep reports: every run folder collected into results.csv, a markdown table and plots.
 
-The table has one row per grid cell: the mean ± sample standard deviation (ddof=1) of
-each metric over the cell's finished seeds; with a single seed only the mean is shown.
+The table has one row per grid cell: the mean ± the half-width of its 95% confidence
+interval (Student t over the cell's finished seeds); with a single seed only the mean.
+Two cells are compared by `paired_difference`: the same seeds start from the same
+initialisation, so the difference is taken seed by seed and given with its own interval.
 The best mean of each metric is bold: higher is better for recall, MRR, EM, F1, BLEU,
 ELBO, accuracy and the like; lower is better for loss-like names (loss, NLL, perplexity,
 KL, error, time); metrics matching neither rule are not marked.
@@ -37,6 +39,12 @@ HIGHER_IS_BETTER = {
 LOWER_IS_BETTER = {
     "loss", "nll", "perplexity", "ppl", "kl", "error", "err", "time", "seconds", "latency",
 }  # fmt: skip
+#: what a run cost rather than what it achieved: kept in the table, never plotted as a result
+BOOKKEEPING = {
+    "time", "seconds", "wall", "latency", "pairs", "scored", "forwards", "backwards", "passes",
+    "steps", "skipped",
+}  # fmt: skip
+BEFORE = " (before)"
 
 
 @dataclass
@@ -150,18 +158,43 @@ def metric_direction(name: str) -> str | None:
     return None
 
 
+def is_bookkeeping(name: str) -> bool:
+    """A cost or counter (train time, pairs scored), not a result ("_s" ends a seconds key)."""
+    words = set(re.findall(r"[a-z0-9]+", name.lower()))
+    return bool(words & BOOKKEEPING) or name.endswith("_s")
+
+
+def t_quantile(count: int, level: float = 0.95) -> float:
+    """The two-sided Student t quantile for `count` values (count - 1 degrees of freedom)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, count - 1))
+
+
 @dataclass
 class Summary:
-    """A metric over the seeds of one grid cell."""
+    """A metric over the seeds of one grid cell: mean, sample std, 95% interval."""
 
     mean: float
     std: float | None  # None with a single seed
     count: int
 
-    def text(self) -> str:
+    @property
+    def half_width(self) -> float | None:
+        """Half-width of the 95% confidence interval of the mean (None with one seed)."""
         if self.std is None:
+            return None
+        return t_quantile(self.count) * self.std / math.sqrt(self.count)
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        hw = self.half_width
+        return None if hw is None else (self.mean - hw, self.mean + hw)
+
+    def text(self) -> str:
+        if self.half_width is None:
             return f"{self.mean:.4g}"
-        return f"{self.mean:.4g} ± {self.std:.2g}"
+        return f"{self.mean:.4g} ± {self.half_width:.2g}"
 
 
 def summarise(values: Sequence[float]) -> Summary | None:
@@ -170,6 +203,62 @@ def summarise(values: Sequence[float]) -> Summary | None:
         return None
     std = statistics.stdev(values) if len(values) > 1 else None
     return Summary(statistics.fmean(values), std, len(values))
+
+
+@dataclass
+class Difference:
+    """`first - second` on one metric, paired by seed, with its 95% interval."""
+
+    metric: str
+    first: str
+    second: str
+    summary: Summary
+
+    @property
+    def separated(self) -> bool:
+        """The interval excludes 0 (needs >= 2 paired seeds)."""
+        interval = self.summary.interval
+        return interval is not None and (interval[0] > 0 or interval[1] < 0)
+
+    def verdict(self) -> str:
+        """E.g. "jsa > vrag on recall@1: yes, +0.06 [0.03, 0.09] (5 seeds)"."""
+        s = self.summary
+        interval = s.interval
+        span = f" [{interval[0]:+.3g}, {interval[1]:+.3g}]" if interval else ""
+        numbers = f"{s.mean:+.3g}{span} ({s.count} paired seed{'s' if s.count != 1 else ''})"
+        question = f"{self.first} > {self.second} on {self.metric}"
+        if interval is None:
+            return f"{question}: cannot tell from one seed, {numbers}"
+        if not self.separated:
+            return f"{question}: no difference beyond noise, {numbers}"
+        better = self.first if (s.mean > 0) == (metric_direction(self.metric) != "min") else None
+        answer = "yes" if better == self.first else "no, the reverse"
+        return f"{question}: {answer}, {numbers}"
+
+
+def paired_difference(
+    rows: Sequence[dict[str, Any]], metric: str, first: dict[str, Any], second: dict[str, Any]
+) -> Difference | None:
+    """first - second on `metric` over the seeds both cells finished (None: no common seed).
+
+    `first` and `second` are grid assignments (e.g. {"estimator.name": "jsa"})."""
+
+    def by_seed(assignment: dict[str, Any]) -> dict[Any, float]:
+        return {
+            r["seed"]: r["metrics"][metric]
+            for r in rows
+            if r["status"] == "done"
+            and all(r["assignment"].get(k) == v for k, v in assignment.items())
+            and _is_number(r["metrics"].get(metric))
+        }
+
+    a, b = by_seed(first), by_seed(second)
+    seeds = sorted(set(a) & set(b), key=str)
+    if not seeds:
+        return None
+    summary = summarise([a[seed] - b[seed] for seed in seeds])
+    assert summary is not None
+    return Difference(metric, cell_label(first), cell_label(second), summary)
 
 
 def group_cells(rows: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict]]]:
@@ -208,7 +297,8 @@ def _best(summaries: list[Summary | None], direction: str | None) -> float | Non
 
 
 def cell_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """The markdown table's rows: one per grid cell, mean ± std per metric, best in bold."""
+    """The markdown table's rows: one per grid cell, mean ± 95% half-width per metric,
+    best in bold."""
     keys, metrics = grid_keys(rows), metric_names(rows)
     groups = group_cells(rows)
     done = [[r for r in runs if r["status"] == "done"] for _, runs in groups]
@@ -235,8 +325,9 @@ def _explain(rows: Sequence[dict[str, Any]]) -> str:
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUS_ORDER}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     return (
-        f"{len(rows)} runs ({summary}). Each metric: mean ± sample std (ddof=1) over the "
-        "cell's finished seeds; with one seed, the mean alone. Bold: the best mean per "
+        f"{len(rows)} runs ({summary}). Each metric: mean ± half-width of its 95% confidence "
+        "interval (Student t over the cell's finished seeds); with one seed, the mean alone. "
+        "Bold: the best mean per "
         "column (higher is better for recall/MRR/EM/F1/BLEU/ELBO-like names, lower for "
         "loss/NLL/perplexity/KL/error/time-like names; other metrics are not marked)."
     )
@@ -311,31 +402,65 @@ def cell_label(assignment: dict[str, Any]) -> str:
     return "\n".join(f"{_short_key(k)}={format_value(v)}" for k, v in assignment.items())
 
 
+def result_metrics(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Metrics worth a panel: results (not bookkeeping), the "after" value of a before/after
+    pair, and not the same number in every run (an all-zero EM says nothing)."""
+    done = [r for r in rows if r["status"] == "done"]
+    names = [m for m in metric_names(done) if not m.endswith(BEFORE) and not is_bookkeeping(m)]
+    varying = []
+    for name in names:
+        values = {r["metrics"].get(name) for r in done} | {
+            r["metrics"].get(name + BEFORE) for r in done
+        }
+        numbers = {v for v in values if _is_number(v)}
+        if len(numbers) > 1:
+            varying.append(name)
+    return varying
+
+
+def _cell_summaries(groups, metric: str) -> list[Summary | None]:
+    return [
+        summarise([r["metrics"].get(metric) for r in runs if r["status"] == "done"])
+        for _, runs in groups
+    ]
+
+
+def _errorbar(ax, xs, summaries, **style) -> None:
+    means = [s.mean if s else math.nan for s in summaries]
+    errors = [s.half_width or 0.0 if s else 0.0 for s in summaries]
+    ax.errorbar(xs, means, yerr=errors if any(errors) else None, capsize=4, **style)
+
+
 def plot_metrics(plt, rows: Sequence[dict[str, Any]], path: Path) -> bool:
-    """One bar chart per metric: grid cells on the x axis, mean with std error bars."""
-    metrics = metric_names([r for r in rows if r["status"] == "done"])
+    """One panel per result metric: each grid cell's mean with its 95% interval, after
+    training, and before it (hollow, joined by a line) where the run measured both."""
+    metrics = result_metrics(rows)
     if not metrics:
         return False
     groups = group_cells(rows)
     labels = [cell_label(assignment) for assignment, _ in groups]
-    keys = grid_keys(rows)
-    xlabel = keys[0] if len(keys) == 1 else ""
     ncols = min(3, len(metrics))
     nrows = math.ceil(len(metrics) / ncols)
-    width = max(4.0, 0.6 * len(labels) + 2.0)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 3.6 * nrows), squeeze=False)
+    width = max(4.0, 0.7 * len(labels) + 2.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 3.8 * nrows), squeeze=False)
+    xs = list(range(len(labels)))
     for ax, metric in zip(axes.flat, metrics):
-        summaries = [
-            summarise([r["metrics"].get(metric) for r in runs if r["status"] == "done"])
-            for _, runs in groups
-        ]
-        means = [s.mean if s else math.nan for s in summaries]
-        errors = [s.std if s and s.std is not None else 0.0 for s in summaries]
-        yerr = errors if any(errors) else None  # no caps at zero for single seeds
-        ax.bar(range(len(labels)), means, yerr=yerr, capsize=3, color="tab:blue")
-        ax.set_title(metric)
-        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-        ax.set_xlabel(xlabel, fontsize=8)
+        after = _cell_summaries(groups, metric)
+        before = _cell_summaries(groups, metric + BEFORE)
+        if any(before):
+            shifted = [x - 0.12 for x in xs]
+            _errorbar(ax, shifted, before, fmt="o", mfc="white", color="tab:gray", label="before")
+            for x, b, a in zip(xs, before, after):
+                if a and b:
+                    ax.plot([x - 0.12, x + 0.12], [b.mean, a.mean], color="tab:gray", lw=0.8)
+        _errorbar(ax, [x + 0.12 for x in xs] if any(before) else xs, after, fmt="o",
+                  color="tab:blue", label="after")  # fmt: skip
+        ax.set_title(metric + (" (mean, 95% CI)" if any(s and s.count > 1 for s in after) else ""))
+        ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(labels) - 0.4)
+        ax.grid(axis="y", alpha=0.3)
+        if any(before):
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.set_visible(False)
     fig.tight_layout()
@@ -344,45 +469,68 @@ def plot_metrics(plt, rows: Sequence[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def read_losses(run_dir: Path) -> dict[int, float]:
-    """step -> training loss from a run's metrics.jsonl (eval lines and bad lines skipped)."""
-    losses: dict[int, float] = {}
+def read_eval_curve(run_dir: Path, metric: str) -> dict[int, float]:
+    """step -> a dev metric from a run's periodic evaluations in metrics.jsonl."""
+    curve: dict[int, float] = {}
     path = run_dir / METRICS_FILE
     if not path.exists():
-        return losses
+        return curve
     for text in path.read_text("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(text)
         except ValueError:
             continue  # a line cut short by a killed run
-        if isinstance(record, dict) and "eval" not in record and _is_number(record.get("loss")):
-            losses[int(record["step"])] = float(record["loss"])
-    return losses
+        evaluation = record.get("eval") if isinstance(record, dict) else None
+        if isinstance(evaluation, dict) and _is_number(evaluation.get(metric)):
+            curve[int(record["step"])] = float(evaluation[metric])
+    return curve
 
 
-def mean_curve(curves: Sequence[dict[int, float]]) -> tuple[list[int], list[float]]:
-    """Mean over seeds at each step (over the seeds that reached it)."""
-    steps = sorted({step for curve in curves for step in curve})
-    means = [statistics.fmean(c[s] for c in curves if s in c) for s in steps]
-    return steps, means
+def curve_metric(out_dir: Path, rows: Sequence[dict[str, Any]]) -> str | None:
+    """The dev metric to draw against steps: recall@1 / hit@1 when evaluated, else the
+    first result metric that the runs evaluated periodically."""
+    done = [r for r in rows if r["status"] == "done"]
+    candidates = ["recall@1", "hit@1", *result_metrics(rows)]
+    for metric in candidates:
+        if any(len(read_eval_curve(out_dir / r["run"], metric)) > 1 for r in done):
+            return metric
+    return None
+
+
+def band(curves: Sequence[dict[int, float]]) -> tuple[list[int], list[float], list[float]]:
+    """Steps every curve reached, the mean and the 95% half-width over curves there."""
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    means, widths = [], []
+    for step in steps:
+        summary = summarise([c[step] for c in curves])
+        assert summary is not None
+        means.append(summary.mean)
+        widths.append(summary.half_width or 0.0)
+    return steps, means, widths
 
 
 def plot_curves(plt, out_dir: Path, rows: Sequence[dict[str, Any]], path: Path) -> bool:
-    """Training loss against step, one line per grid cell (mean over its seeds)."""
-    lines = []
-    for assignment, runs in group_cells(rows):
-        curves = [c for c in (read_losses(out_dir / r["run"]) for r in runs) if c]
-        if curves:
-            label = cell_label(assignment).replace("\n", ", ")
-            lines.append((label, *mean_curve(curves)))
-    if not lines:
+    """A dev metric (recall@1 by default) against training step, one line per grid cell
+    (mean over its seeds) with its 95% band."""
+    metric = curve_metric(out_dir, rows)
+    if metric is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, steps, means in lines:
-        ax.plot(steps, means, label=label, marker="." if len(steps) < 30 else None)
+    for assignment, runs in group_cells(rows):
+        done = [r for r in runs if r["status"] == "done"]
+        curves = [c for c in (read_eval_curve(out_dir / r["run"], metric) for r in done) if c]
+        steps, means, widths = band(curves)
+        if not steps:
+            continue
+        label = cell_label(assignment).replace("\n", ", ") + f" ({len(curves)} seeds)"
+        (line,) = ax.plot(steps, means, label=label, marker="." if len(steps) < 30 else None)
+        lower = [m - w for m, w in zip(means, widths)]
+        upper = [m + w for m, w in zip(means, widths)]
+        ax.fill_between(steps, lower, upper, color=line.get_color(), alpha=0.2, lw=0)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mean over seeds)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"dev {metric} (mean, 95% band)")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
