@@ -30,7 +30,8 @@ import rank_bm25  # noqa: E402
 import torch  # noqa: E402
 
 from latentrag.core.types import Corpus, Passage  # noqa: E402
-from latentrag.plugins.bm25 import BM25Config, BM25Retriever  # noqa: E402
+from latentrag.plugins.bm25 import BM25Config  # noqa: E402
+from latentrag.plugins.bm25.retriever import BM25Retriever  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 K = 10

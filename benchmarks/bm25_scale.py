@@ -82,7 +82,7 @@ def reset_peak() -> None:
 
 
 def run_latentrag(docs, queries):
-    from latentrag.plugins.bm25 import BM25Index, bm25_weights
+    from latentrag.plugins.bm25.retriever import BM25Index, bm25_weights
 
     def build():
         flat, lengths = flatten(docs)

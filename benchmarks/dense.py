@@ -27,7 +27,8 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
-from latentrag.plugins.dpr import DPRConfig, DPRRetriever  # noqa: E402
+from latentrag.plugins.dpr import DPRConfig  # noqa: E402
+from latentrag.plugins.dpr.retriever import DPRRetriever  # noqa: E402
 from latentrag.plugins.encoders import packaged_minilm_dir  # noqa: E402
 
 SQUAD_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-v1.1-dev.json"

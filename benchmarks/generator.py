@@ -28,10 +28,9 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from latentrag.data import load_squad_slice  # noqa: E402
-from latentrag.plugins import smollm2  # noqa: E402
-from latentrag.plugins.hf_generator import (  # noqa: E402
+from latentrag.plugins.hf_generator import HFGeneratorConfig, smollm2  # noqa: E402
+from latentrag.plugins.hf_generator.generator import (  # noqa: E402
     HFCausalLMGenerator,
-    HFGeneratorConfig,
     pad_right,
 )
 

@@ -13,12 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from latentrag.core.config import resolve
-from latentrag.core.errors import ConfigError, LatentragError
+from latentrag.core.errors import ConfigError, LatentragError, StaleIndexError
 from latentrag.core.registry import Registry
 from latentrag.core.types import Corpus, Passage
-from latentrag.plugins import bm25
-from latentrag.plugins.bm25 import BM25Config, BM25Retriever, StaleIndexError
-from latentrag.plugins.tokenize import STOPWORDS, Tokenizer, stem
+from latentrag.plugins.bm25 import BM25Config
+from latentrag.plugins.bm25 import retriever as bm25
+from latentrag.plugins.bm25.retriever import BM25Retriever
+from latentrag.plugins.bm25.tokenize import STOPWORDS, Tokenizer, stem
 from latentrag.testing.checks import check_retriever
 from latentrag.toy.corpus import toy_corpus, toy_examples
 

@@ -6,10 +6,8 @@ import pytest
 import torch
 
 from latentrag.core.config import resolve
-from latentrag.plugins.cross_encoder import (
-    CrossEncoderConfig,
-    CrossEncoderReranker,
-)
+from latentrag.plugins.cross_encoder import CrossEncoderConfig
+from latentrag.plugins.cross_encoder.reranker import CrossEncoderReranker
 from latentrag.testing import toy_corpus, toy_examples
 
 QUERIES = [e.question for e in toy_examples()[:3]]

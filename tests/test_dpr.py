@@ -12,13 +12,14 @@ import torch
 from latentrag.core.config import resolve
 from latentrag.core.errors import ConfigError, LatentragError
 from latentrag.core.types import Corpus, Passage
-from latentrag.plugins.dpr import DPRConfig, DPRRetriever
-from latentrag.plugins.encoders import load_sentence_encoder
-from latentrag.plugins.faiss_index import (
+from latentrag.plugins.dpr import DPRConfig
+from latentrag.plugins.dpr.faiss_index import (
     INDEX_FILE,
     MANIFEST_FILE,
     StaleIndexError,
 )
+from latentrag.plugins.dpr.retriever import DPRRetriever
+from latentrag.plugins.encoders import load_sentence_encoder
 from latentrag.testing import toy_corpus, toy_examples
 
 WORDS = (

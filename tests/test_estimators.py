@@ -15,10 +15,14 @@ from latentrag.core.pipeline import Pipeline
 from latentrag.core.registry import default_registry
 from latentrag.core.types import Batch, Candidates
 from latentrag.experiments.gradcheck import checked_parameters, exact_gradient, exact_loss
-from latentrag.plugins.bow import BowConfig, BowRetriever, bucket_ids
-from latentrag.plugins.estimators.jsa import JsaConfig, JsaEstimator
-from latentrag.plugins.estimators.topk import TopKConfig, TopKEstimator, TopKTokenEstimator
-from latentrag.plugins.estimators.vrag import VragConfig, VragEstimator
+from latentrag.plugins.bow import BowConfig
+from latentrag.plugins.bow.retriever import BowRetriever, bucket_ids
+from latentrag.plugins.estimators.jsa import JsaConfig
+from latentrag.plugins.estimators.jsa.estimator import JsaEstimator
+from latentrag.plugins.estimators.topk import TopKConfig
+from latentrag.plugins.estimators.topk.estimator import TopKEstimator, TopKTokenEstimator
+from latentrag.plugins.estimators.vrag import VragConfig
+from latentrag.plugins.estimators.vrag.estimator import VragEstimator
 from latentrag.testing import toy_corpus, toy_examples
 from latentrag.toy.components import TableGenerator, TableRetriever, posterior_query
 

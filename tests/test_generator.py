@@ -13,8 +13,8 @@ from latentrag.core.config import resolve
 from latentrag.core.errors import ConfigError, LatentragError
 from latentrag.core.interfaces import Generator
 from latentrag.core.registry import Registry
-from latentrag.plugins import smollm2
-from latentrag.plugins.hf_generator import HFCausalLMGenerator, HFGeneratorConfig
+from latentrag.plugins.hf_generator import HFGeneratorConfig, smollm2
+from latentrag.plugins.hf_generator.generator import HFCausalLMGenerator
 from latentrag.testing import toy_corpus, toy_examples
 from latentrag.toy.tiny_models import tiny_llama, tiny_tokenizer
 

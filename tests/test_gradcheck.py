@@ -23,9 +23,12 @@ from latentrag.experiments.gradcheck import (
     format_table,
     run_gradcheck,
 )
-from latentrag.plugins.estimators.jsa import JsaConfig, JsaEstimator
-from latentrag.plugins.estimators.topk import TopKConfig, TopKEstimator, TopKTokenEstimator
-from latentrag.plugins.estimators.vrag import VragConfig, VragEstimator
+from latentrag.plugins.estimators.jsa import JsaConfig
+from latentrag.plugins.estimators.jsa.estimator import JsaEstimator
+from latentrag.plugins.estimators.topk import TopKConfig
+from latentrag.plugins.estimators.topk.estimator import TopKEstimator, TopKTokenEstimator
+from latentrag.plugins.estimators.vrag import VragConfig
+from latentrag.plugins.estimators.vrag.estimator import VragEstimator
 from latentrag.testing import toy_corpus, toy_examples
 from latentrag.toy.components import TableGenerator, TableRetriever
 

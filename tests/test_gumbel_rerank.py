@@ -24,12 +24,10 @@ from latentrag.core.interfaces import Reranker
 from latentrag.core.pipeline import Pipeline
 from latentrag.core.registry import default_registry
 from latentrag.core.types import Batch, Candidates, Example
-from latentrag.plugins.gumbel_rerank import (
+from latentrag.plugins.gumbel_rerank import GumbelEstimatorConfig, GumbelRerankConfig
+from latentrag.plugins.gumbel_rerank.estimator import GumbelEstimator
+from latentrag.plugins.gumbel_rerank.masks import (
     LOG_ZERO,
-    GumbelEstimator,
-    GumbelEstimatorConfig,
-    GumbelRerankConfig,
-    GumbelReranker,
     gumbel_noise,
     gumbel_topk_log_mask,
     gumbel_topk_mask,
@@ -37,6 +35,7 @@ from latentrag.plugins.gumbel_rerank import (
     hard_topk_mask,
     successive_softmax_topk_mask,
 )
+from latentrag.plugins.gumbel_rerank.reranker import GumbelReranker
 from latentrag.plugins.joint_attention import JointPrompt, joint_loglik
 from latentrag.toy.corpus import toy_corpus, toy_examples
 from latentrag.toy.tiny_models import tiny_llama, tiny_tokenizer

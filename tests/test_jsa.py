@@ -15,9 +15,9 @@ import torch
 from latentrag.core.pipeline import Pipeline
 from latentrag.core.types import Batch, Example
 from latentrag.experiments.gradcheck import checked_parameters, exact_gradient
-from latentrag.plugins.estimators.jsa import (
+from latentrag.plugins.estimators.jsa import JsaConfig
+from latentrag.plugins.estimators.jsa.estimator import (
     INITIAL,
-    JsaConfig,
     JsaEstimator,
     metropolis_independence,
 )

@@ -36,7 +36,8 @@ def tiny_examples() -> list[Example]:
 @pytest.fixture
 def tiny_generator():
     """The `hf-causal-lm` generator on a tiny random Llama (built in memory, no download)."""
-    from latentrag.plugins.hf_generator import HFCausalLMGenerator, HFGeneratorConfig
+    from latentrag.plugins.hf_generator import HFGeneratorConfig
+    from latentrag.plugins.hf_generator.generator import HFCausalLMGenerator
 
     return HFCausalLMGenerator(HFGeneratorConfig(model="tiny-llama"))
 
@@ -44,7 +45,8 @@ def tiny_generator():
 @pytest.fixture
 def tiny_retriever(tiny_corpus):
     """A small trainable `bow` retriever, already indexed over `tiny_corpus`."""
-    from latentrag.plugins.bow import BowConfig, BowRetriever
+    from latentrag.plugins.bow import BowConfig
+    from latentrag.plugins.bow.retriever import BowRetriever
 
     retriever = BowRetriever(BowConfig())
     retriever.index(tiny_corpus)

@@ -9,27 +9,13 @@ new, initialised under `seed`. With `freeze_encoder` only the head learns.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
-from latentrag import hookimpl
-from latentrag.core.config import StrictModel
 from latentrag.core.interfaces import Reranker
+from latentrag.plugins.cross_encoder import CrossEncoderConfig
 from latentrag.plugins.encoders import check_max_length, load_transformer, pool
-
-
-class CrossEncoderConfig(StrictModel):
-    model: str = Field(
-        "minilm", description="'minilm' (packaged), 'tiny-random' (tests) or a model directory"
-    )
-    max_length: int = Field(256, ge=8, description="tokens of query and passage together")
-    batch_size: int = Field(32, ge=1, description="pairs per encoder forward")
-    pooling: Literal["cls", "mean"] = "cls"
-    freeze_encoder: bool = Field(False, description="train only the scoring head")
-    seed: int = Field(0, description="initialises the head (and the weights of 'tiny-random')")
 
 
 class CrossEncoderReranker(Reranker, nn.Module):
@@ -85,14 +71,3 @@ class CrossEncoderReranker(Reranker, nn.Module):
             hidden = self.encoder(**batch).last_hidden_state
         pooled = pool(hidden, batch["attention_mask"], self.config.pooling)
         return self.head(pooled).squeeze(-1)
-
-
-@hookimpl
-def register_components(register) -> None:
-    register(
-        "reranker",
-        "cross-encoder",
-        CrossEncoderReranker,
-        CrossEncoderConfig,
-        "MiniLM cross-encoder with a trainable scoring head",
-    )

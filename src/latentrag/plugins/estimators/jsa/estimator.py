@@ -3,37 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
-from latentrag import hookimpl
 from latentrag.core.interfaces import EstimatorOutput, LatentModel
 from latentrag.core.pipeline import pad_rows
 from latentrag.core.types import Batch, Candidates
 from latentrag.plugins.estimators.common import (
-    CandidateSource,
-    EstimatorConfig,
     SeededEstimator,
     entropy,
     generator_forwards,
     valid_mask,
     weighted_sum,
 )
+from latentrag.plugins.estimators.jsa import JsaConfig
 
 #: chain state index meaning "the state the chain started in" (not one of the proposals)
 INITIAL = -1
-
-
-class JsaConfig(EstimatorConfig):
-    candidates: CandidateSource = "union"
-    samples: int = Field(4, ge=1, description="proposals h' ~ q per example and step")
-    chain: Literal["persistent", "fresh"] = Field(
-        "persistent", description="persistent: classical JSA; fresh: the released code"
-    )
-    seed: int = 0
 
 
 @dataclass
@@ -92,7 +79,7 @@ class JsaEstimator(SeededEstimator):
     """
 
     trains = ("retriever", "posterior", "generator")
-    requires = ("retriever", "posterior", "generator")
+    requires = JsaConfig.requires
 
     def __init__(self, config: JsaConfig) -> None:
         super().__init__(config.seed)
@@ -224,14 +211,3 @@ class JsaEstimator(SeededEstimator):
         self.cache = dict(state.get("cache", {}))
         if "rng" in state:
             self.load_rng_state(state["rng"])
-
-
-@hookimpl
-def register_components(register):
-    register(
-        "estimator",
-        "jsa",
-        JsaEstimator,
-        JsaConfig,
-        "Joint stochastic approximation: Metropolis independence sampler + M-step",
-    )

@@ -12,18 +12,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import faiss
 import numpy as np
 
 from latentrag.core.errors import StaleIndexError
 from latentrag.io.atomic import atomic_write_bytes
+from latentrag.plugins.dpr import IndexType
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
-IndexType = Literal["flat", "ivf", "hnsw"]
 REBUILD_HINT = "rebuild it with `latentrag index build CONFIG`"
 
 

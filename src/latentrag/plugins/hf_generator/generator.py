@@ -15,76 +15,19 @@ tensor is [n, T, V], never [n, L, V].
 from __future__ import annotations
 
 import inspect
-import string
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from latentrag import hookimpl
-from latentrag.core.config import StrictModel
 from latentrag.core.errors import ConfigError
 from latentrag.core.interfaces import Generator, Reduce
-from latentrag.plugins import smollm2
+from latentrag.plugins.hf_generator import TINY_MODELS, HFGeneratorConfig, LoraSettings, smollm2
 from latentrag.plugins.joint_attention import JointPrompt, joint_loglik
 
-DEFAULT_TEMPLATE = "Context: {passage}\nQuestion: {question}\nAnswer:"
-TINY_MODELS = ("tiny-llama", "tiny-gpt2")
-BUILTIN_MODELS = ("smollm2", *TINY_MODELS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class LoraSettings(StrictModel):
-    """LoRA adapters through peft; only the adapter weights are trained."""
-
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | None = Field(
-        None, description="module names to adapt; None: peft's default for the architecture"
-    )
-
-
-class HFGeneratorConfig(StrictModel):
-    model: str = Field(
-        "smollm2", description="'smollm2', 'tiny-llama', 'tiny-gpt2' or a local model directory"
-    )
-    prompt_template: str = DEFAULT_TEMPLATE
-    max_passage_tokens: int = Field(128, ge=1)
-    max_new_tokens: int = Field(16, ge=1)
-    batch_size: int = Field(16, ge=1, description="sequences per forward pass")
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    lora: LoraSettings | None = None
-    freeze: bool = False
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    seed: int = 0
-    cache_dir: str | None = Field(
-        None, description="SmolLM2 safetensors cache (default $LATENTRAG_CACHE/smollm2)"
-    )
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        if value in BUILTIN_MODELS or Path(value).expanduser().is_dir():
-            return value
-        raise ValueError(
-            f"{value!r} is neither one of {', '.join(BUILTIN_MODELS)} nor a local directory"
-        )
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _template_fields(cls, value: str) -> str:
-        try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
-        except ValueError as exc:
-            raise ValueError(f"not a format string: {exc}") from None
-        if fields != {"question", "passage"}:
-            raise ValueError(f"must use exactly {{question}} and {{passage}}, found {fields}")
-        return value
 
 
 def load_model_and_tokenizer(config: HFGeneratorConfig):
@@ -375,14 +318,3 @@ def _common_width(passages: Sequence[Sequence[str]]) -> int:
     if len(widths) != 1 or 0 in widths:
         raise ValueError(f"every query needs the same number K>=1 of passages, got {widths}")
     return widths.pop()
-
-
-@hookimpl
-def register_components(register):
-    register(
-        "generator",
-        "hf-causal-lm",
-        HFCausalLMGenerator,
-        HFGeneratorConfig,
-        "Any transformers causal LM (packaged SmolLM2-135M by default)",
-    )

@@ -11,23 +11,14 @@ import zlib
 from collections.abc import Sequence
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
-from latentrag import hookimpl
-from latentrag.core.config import StrictModel
 from latentrag.core.errors import LatentragError
 from latentrag.core.interfaces import Retriever
 from latentrag.core.types import Candidates, Corpus
+from latentrag.plugins.bow import BowConfig
 
 _WORD = re.compile(r"\w+")
-
-
-class BowConfig(StrictModel):
-    buckets: int = Field(2048, ge=1, description="hash buckets of the vocabulary")
-    dim: int = Field(32, ge=1, description="embedding size")
-    shared: bool = Field(False, description="one encoder for queries and passages")
-    seed: int = 0
 
 
 def bucket_ids(text: str, buckets: int) -> list[int]:
@@ -99,14 +90,3 @@ class BowRetriever(nn.Module, Retriever):
         passages = passage_encoder([self._passage_tokens[r] for r in distinct.tolist()])
         queries_vec = query_encoder.encode(queries)
         return torch.einsum("bd,bkd->bk", queries_vec, passages[inverse])
-
-
-@hookimpl
-def register_components(register):
-    register(
-        "retriever",
-        "bow",
-        BowRetriever,
-        BowConfig,
-        "Tiny trainable bag-of-embeddings dual encoder (tests, gradcheck)",
-    )

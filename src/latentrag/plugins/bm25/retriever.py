@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +18,13 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
-from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
-from latentrag import hookimpl
-from latentrag.core.config import StrictModel
 from latentrag.core.errors import LatentragError, StaleIndexError
 from latentrag.core.interfaces import Retriever
 from latentrag.core.types import Candidates, Corpus
 from latentrag.io.atomic import atomic_file
-from latentrag.plugins.tokenize import Tokenizer
+from latentrag.plugins.bm25 import BM25Config
 
 log = logging.getLogger(__name__)
 
@@ -41,40 +37,6 @@ SCORE_BUDGET = 1 << 20  # dense scores held at once while searching (floats, cac
 WEIGHT_BLOCK = 1 << 20  # entries weighted at once while indexing
 DENSE_ROW_SHARE = 1 / 16  # terms in more passages than this share get dense rows
 REBUILD_HINT = "rebuild with `latentrag index build`"
-
-
-class BM25Config(StrictModel):
-    """Options of the `bm25` retriever (defaults are rank-bm25's BM25Okapi)."""
-
-    k1: float = Field(1.5, ge=0)
-    b: float = Field(0.75, ge=0, le=1)
-    epsilon: float = 0.25
-    lowercase: bool = True
-    pattern: str = r"\w+"
-    stem: bool = False
-    stopwords: bool = False
-    index_dir: str | None = Field(None, description="load the index from here, or build and save")
-
-    @field_validator("pattern")
-    @classmethod
-    def _pattern_compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
-
-    def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.lowercase, self.pattern, self.stem, self.stopwords)
-
-    def index_settings(self) -> dict[str, object]:
-        """Everything the stored weights depend on besides the corpus."""
-        return {
-            "k1": self.k1,
-            "b": self.b,
-            "epsilon": self.epsilon,
-            "tokenizer": self.tokenizer().signature(),
-        }
 
 
 # -- building the weight matrix ------------------------------------------------------------
@@ -414,14 +376,3 @@ def _flatten(settings: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-@hookimpl
-def register_components(register) -> None:
-    register(
-        "retriever",
-        "bm25",
-        BM25Retriever,
-        BM25Config,
-        "BM25Okapi over a sparse term-weight index (rank-bm25 formula)",
-    )

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
-from latentrag import hookimpl
 from latentrag.core.interfaces import EstimatorOutput, LatentModel
 from latentrag.core.types import Batch, Candidates
 from latentrag.plugins.estimators.common import (
-    CandidateSource,
-    EstimatorConfig,
     SeededEstimator,
     entropy,
     expectation,
@@ -19,15 +15,7 @@ from latentrag.plugins.estimators.common import (
     kl_divergence,
     valid_mask,
 )
-
-
-class VragConfig(EstimatorConfig):
-    candidates: CandidateSource = "posterior"
-    beta: float = Field(1.0, ge=0, description="weight of KL(q || p)")
-    sampled: bool = Field(False, description="estimate E_q[log p(y|x,h)] from samples of q")
-    samples: int = Field(4, ge=1, description="samples of q per example when sampled")
-    baseline_decay: float = Field(0.9, ge=0, lt=1, description="EMA decay of the baseline")
-    seed: int = 0
+from latentrag.plugins.estimators.vrag import VragConfig
 
 
 class VragEstimator(SeededEstimator):
@@ -44,7 +32,7 @@ class VragEstimator(SeededEstimator):
     """
 
     trains = ("retriever", "posterior", "generator")
-    requires = ("retriever", "posterior", "generator")
+    requires = VragConfig.requires
 
     def __init__(self, config: VragConfig) -> None:
         super().__init__(config.seed)
@@ -100,14 +88,3 @@ class VragEstimator(SeededEstimator):
         self.baseline = state.get("baseline")
         if "rng" in state:
             self.load_rng_state(state["rng"])
-
-
-@hookimpl
-def register_components(register):
-    register(
-        "estimator",
-        "vrag",
-        VragEstimator,
-        VragConfig,
-        "Variational RAG: ELBO with posterior q(h|x,y), exact over top-K or sampled",
-    )

@@ -15,19 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
-from latentrag import hookimpl
-from latentrag.core.config import StrictModel
 from latentrag.core.errors import LatentragError
 from latentrag.core.interfaces import Retriever
 from latentrag.core.types import Candidates, Corpus
-from latentrag.plugins.encoders import SentenceEncoder, load_sentence_encoder, state_fingerprint
-from latentrag.plugins.faiss_index import (
+from latentrag.plugins.dpr import DPRConfig
+from latentrag.plugins.dpr.faiss_index import (
     IndexManifest,
     IndexOptions,
-    IndexType,
     build_index,
     has_index,
     load_index,
@@ -35,47 +31,22 @@ from latentrag.plugins.faiss_index import (
     search,
     stored_vectors,
 )
+from latentrag.plugins.encoders import SentenceEncoder, load_sentence_encoder, state_fingerprint
 
 #: corpora larger than this show a progress bar while encoding
 PROGRESS_THRESHOLD = 1000
 
 
-class DPRConfig(StrictModel):
-    model: str = Field(
-        "minilm", description="'minilm' (packaged), 'tiny-random' (tests) or a model directory"
+def index_options(config: DPRConfig) -> IndexOptions:
+    """The faiss index settings of a `dpr` config."""
+    return IndexOptions(
+        type=config.index,
+        nlist=config.nlist,
+        nprobe=config.nprobe,
+        hnsw_m=config.hnsw_m,
+        ef_construction=config.ef_construction,
+        ef_search=config.ef_search,
     )
-    shared_encoders: bool = Field(False, description="one encoder for queries and passages")
-    train_passage_encoder: bool = Field(
-        False, description="re-encode scored passages with grad (else use the index's vectors)"
-    )
-    with_title: bool = Field(False, description="encode passages as 'title. text'")
-    max_length: int = Field(128, ge=8)
-    batch_size: int = Field(64, ge=1)
-    normalize: bool = True
-    index: IndexType = "flat"
-    nlist: int = Field(100, ge=1, description="IVF lists (capped at one per 39 passages)")
-    nprobe: int = Field(8, ge=1, description="IVF lists searched per query")
-    hnsw_m: int = Field(32, ge=2, description="HNSW neighbours per node")
-    ef_construction: int = Field(80, ge=1)
-    ef_search: int = Field(64, ge=1)
-    index_dir: str | None = Field(None, description="where the index is saved and reused")
-    refresh_every: int = Field(
-        0,
-        ge=0,
-        description="re-encode the corpus every N optimizer steps (0: never): the trainer "
-        "calls refresh(); the retriever never refreshes by itself",
-    )
-    seed: int = Field(0, description="weights of 'tiny-random'")
-
-    def index_options(self) -> IndexOptions:
-        return IndexOptions(
-            type=self.index,
-            nlist=self.nlist,
-            nprobe=self.nprobe,
-            hnsw_m=self.hnsw_m,
-            ef_construction=self.ef_construction,
-            ef_search=self.ef_search,
-        )
 
 
 class DPRRetriever(Retriever, nn.Module):
@@ -137,7 +108,7 @@ class DPRRetriever(Retriever, nn.Module):
         vectors = self.passage_encoder.encode(
             self._texts, self.config.batch_size, progress=len(self._texts) > PROGRESS_THRESHOLD
         )
-        self._index = build_index(vectors.numpy(), self.config.index_options())
+        self._index = build_index(vectors.numpy(), index_options(self.config))
         self._vectors = vectors
         self._model_fingerprint = state_fingerprint(self.passage_encoder)
 
@@ -154,7 +125,7 @@ class DPRRetriever(Retriever, nn.Module):
         self._require_corpus()
         fingerprint = state_fingerprint(self.passage_encoder)
         expected = self._manifest(fingerprint)
-        index = load_index(Path(directory), expected, self.config.index_options())
+        index = load_index(Path(directory), expected, index_options(self.config))
         self._index = index
         self._vectors = torch.from_numpy(stored_vectors(index))
         self._model_fingerprint = fingerprint
@@ -173,7 +144,7 @@ class DPRRetriever(Retriever, nn.Module):
 
     def _manifest(self, model_fingerprint: str) -> IndexManifest:
         assert self.corpus is not None
-        options = self.config.index_options()
+        options = index_options(self.config)
         return IndexManifest(
             model_fingerprint=model_fingerprint,
             corpus_fingerprint=self.corpus.fingerprint(),
@@ -236,14 +207,3 @@ class DPRRetriever(Retriever, nn.Module):
         size = self.config.batch_size
         chunks = [encoder.embed(texts[i : i + size]) for i in range(0, len(texts), size)]
         return torch.cat(chunks)
-
-
-@hookimpl
-def register_components(register) -> None:
-    register(
-        "retriever",
-        "dpr",
-        DPRRetriever,
-        DPRConfig,
-        "Dense bi-encoder (MiniLM) with a persistent faiss index",
-    )

@@ -5,19 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from latentrag import hookimpl
 from latentrag.core.interfaces import Estimator, EstimatorOutput, LatentModel
 from latentrag.core.types import Batch
-from latentrag.plugins.estimators.common import (
-    CandidateSource,
-    EstimatorConfig,
-    generator_forwards,
-    valid_mask,
-)
-
-
-class TopKConfig(EstimatorConfig):
-    candidates: CandidateSource = "prior"
+from latentrag.plugins.estimators.common import generator_forwards, valid_mask
+from latentrag.plugins.estimators.topk import TopKConfig
 
 
 class TopKEstimator(Estimator):
@@ -86,21 +77,3 @@ def token_marginals(log_prior: Tensor, token_logprobs: Tensor, valid: Tensor) ->
     joint = log_prior.unsqueeze(-1) + token_logprobs
     joint = torch.where(valid.unsqueeze(-1), joint, float("-inf"))
     return torch.logsumexp(joint, dim=1)
-
-
-@hookimpl
-def register_components(register):
-    register(
-        "estimator",
-        "topk",
-        TopKEstimator,
-        TopKConfig,
-        "RAG-Sequence: marginal likelihood over the prior's top-K",
-    )
-    register(
-        "estimator",
-        "topk-token",
-        TopKTokenEstimator,
-        TopKConfig,
-        "RAG-Token: per-token marginal over the prior's top-K",
-    )

@@ -1,0 +1,33 @@
+"""The `cross-encoder` reranker plugin: its config model and hook (no torch: see
+`reranker.py`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from latentrag import hookimpl
+from latentrag.core.config import StrictModel
+
+
+class CrossEncoderConfig(StrictModel):
+    model: str = Field(
+        "minilm", description="'minilm' (packaged), 'tiny-random' (tests) or a model directory"
+    )
+    max_length: int = Field(256, ge=8, description="tokens of query and passage together")
+    batch_size: int = Field(32, ge=1, description="pairs per encoder forward")
+    pooling: Literal["cls", "mean"] = "cls"
+    freeze_encoder: bool = Field(False, description="train only the scoring head")
+    seed: int = Field(0, description="initialises the head (and the weights of 'tiny-random')")
+
+
+@hookimpl
+def register_components(register) -> None:
+    register(
+        "reranker",
+        "cross-encoder",
+        "latentrag.plugins.cross_encoder.reranker:CrossEncoderReranker",
+        CrossEncoderConfig,
+        "MiniLM cross-encoder with a trainable scoring head",
+    )

@@ -1,0 +1,52 @@
+"""The `dpr` retriever plugin: its config model and hook (no torch, no faiss: see
+`retriever.py`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from latentrag import hookimpl
+from latentrag.core.config import StrictModel
+
+IndexType = Literal["flat", "ivf", "hnsw"]
+
+
+class DPRConfig(StrictModel):
+    model: str = Field(
+        "minilm", description="'minilm' (packaged), 'tiny-random' (tests) or a model directory"
+    )
+    shared_encoders: bool = Field(False, description="one encoder for queries and passages")
+    train_passage_encoder: bool = Field(
+        False, description="re-encode scored passages with grad (else use the index's vectors)"
+    )
+    with_title: bool = Field(False, description="encode passages as 'title. text'")
+    max_length: int = Field(128, ge=8)
+    batch_size: int = Field(64, ge=1)
+    normalize: bool = True
+    index: IndexType = "flat"
+    nlist: int = Field(100, ge=1, description="IVF lists (capped at one per 39 passages)")
+    nprobe: int = Field(8, ge=1, description="IVF lists searched per query")
+    hnsw_m: int = Field(32, ge=2, description="HNSW neighbours per node")
+    ef_construction: int = Field(80, ge=1)
+    ef_search: int = Field(64, ge=1)
+    index_dir: str | None = Field(None, description="where the index is saved and reused")
+    refresh_every: int = Field(
+        0,
+        ge=0,
+        description="re-encode the corpus every N optimizer steps (0: never): the trainer "
+        "calls refresh(); the retriever never refreshes by itself",
+    )
+    seed: int = Field(0, description="weights of 'tiny-random'")
+
+
+@hookimpl
+def register_components(register) -> None:
+    register(
+        "retriever",
+        "dpr",
+        "latentrag.plugins.dpr.retriever:DPRRetriever",
+        DPRConfig,
+        "Dense bi-encoder (MiniLM) with a persistent faiss index",
+    )
