@@ -9,7 +9,7 @@ import torch
 
 from latentrag.core.interfaces import Estimator, EstimatorOutput, Retriever
 from latentrag.core.registry import Registry
-from latentrag.core.types import Candidates
+from latentrag.core.types import Batch, Candidates
 from latentrag.testing import checks
 from latentrag.toy.corpus import toy_corpus
 
@@ -25,6 +25,8 @@ TINY = {
     ("estimator", "topk-token"): {"k": 4},
     ("estimator", "vrag"): {"k": 4},
     ("estimator", "jsa"): {"k": 4},
+    ("estimator", "pdist"): {"k": 4},
+    ("estimator", "loop"): {"k": 4},
 }
 CHECKS = {
     "retriever": checks.check_retriever,
@@ -54,6 +56,24 @@ def test_builtin_component_conforms(kind, name):
     spec = REGISTRY.get(kind, name)
     checks.check_config_round_trip(spec.config_model.model_validate(TINY[(kind, name)]))
     CHECKS[kind](factory_for(kind, name))
+
+
+#: settings that take other code paths (sampling, padded unions, per-token, generator terms)
+VARIANTS = [
+    ("topk", {"candidates": "union"}),
+    ("topk-token", {"candidates": "union", "loglik": "mean"}),
+    ("vrag", {"sampled": True}),
+    ("vrag", {"candidates": "union"}),
+    ("jsa", {"chain": "fresh", "samples": 2}),
+    ("pdist", {"train_generator": "marginal"}),
+    ("pdist", {"train_generator": "per-passage"}),
+    ("loop", {"weights": "prior"}),
+]
+
+
+@pytest.mark.parametrize(("name", "extra"), VARIANTS, ids=[f"{n}-{e}" for n, e in VARIANTS])
+def test_builtin_estimator_variants_conform(name, extra):
+    checks.check_estimator(factory_for("estimator", name, **extra))
 
 
 def test_topk_over_the_corpus_matches_the_exact_gradient():
@@ -112,3 +132,100 @@ def test_biased_estimator_fails_the_exact_check():
     biased = factory_for("estimator", "topk", k=2, candidates="prior")
     with pytest.raises(checks.ConformanceError, match="cosine"):
         checks.check_estimator(biased, exact_cosine=0.9999, seeds=2)
+
+
+class Leaky(Estimator):
+    """Top-K marginal likelihood whose retriever-only claim is false: the generator's
+    log-likelihoods are not detached, so the generator gets a gradient it should not."""
+
+    trains = ("retriever",)
+
+    def loss(self, batch, model):
+        cand = model.candidates(batch, "prior", 4)
+        log_prior = model.prior_logprobs(batch, cand, 1.0)
+        loglik = model.loglik(batch, cand)  # should be grad=False
+        return EstimatorOutput(loss=-torch.logsumexp(log_prior + loglik, -1).mean())
+
+
+class Unmasked(Estimator):
+    """An ELBO-style expectation Σ_h p(h) (log p(h) + log p(y|h)) that multiplies by the
+    log-probabilities without masking: 0 * -inf = NaN at every padded slot."""
+
+    trains = ("retriever", "generator")
+
+    def loss(self, batch, model):
+        cand = model.candidates(batch, "prior", 4)
+        log_prior = model.prior_logprobs(batch, cand, 1.0)
+        loglik = model.loglik(batch, cand)
+        return EstimatorOutput(loss=-(log_prior.exp() * (log_prior + loglik)).sum(-1).mean())
+
+
+class PeeksAtPadding(Estimator):
+    """Finite everywhere, but reads the retriever's scores of every slot, padded or not."""
+
+    trains = ("retriever", "generator")
+
+    def loss(self, batch, model):
+        cand = model.candidates(batch, "prior", 4)
+        log_prior = model.prior_logprobs(batch, cand, 1.0)
+        loglik = model.loglik(batch, cand)
+        marginal = torch.logsumexp(log_prior + loglik, -1)
+        return EstimatorOutput(loss=-marginal.mean() + 1e-3 * cand.scores.float().mean())
+
+
+def test_gradient_into_an_untrained_role_is_named():
+    with pytest.raises(checks.ConformanceError) as info:
+        checks.check_estimator(Leaky)
+    assert str(info.value) == (
+        "Leaky: gradient reaches 'generator', which it does not train (trains = "
+        "('retriever',)): detach what flows into it, or declare it in `trains`"
+    )
+
+
+def test_leaky_estimator_passes_once_it_detaches():
+    class Fixed(Leaky):
+        def loss(self, batch, model):
+            cand = model.candidates(batch, "prior", 4)
+            log_prior = model.prior_logprobs(batch, cand, 1.0)
+            loglik = model.loglik(batch, cand, grad=False)
+            return EstimatorOutput(loss=-torch.logsumexp(log_prior + loglik, -1).mean())
+
+    checks.check_estimator(Fixed)
+
+
+def test_nan_on_padded_candidates_is_named():
+    with pytest.raises(checks.ConformanceError, match="^Unmasked: loss is not finite on padded"):
+        checks.check_estimator(Unmasked)
+
+
+def test_reading_padded_slots_is_named():
+    with pytest.raises(checks.ConformanceError, match="depends on what padded candidate slots"):
+        checks.check_estimator(PeeksAtPadding)
+
+
+def test_padded_model_pads_every_row_and_shortens_every_second():
+    pipeline, examples = checks.toy_pipeline()
+    batch = Batch(list(examples[:4]))
+    found = checks.PaddedModel(pipeline, filler=7, filler_score=9.0).candidates(batch, "prior", 3)
+    assert found.mask.sum(-1).tolist() == [3, 2, 3, 2]
+    assert found.indices.shape == (4, 3 + checks.PADDING)
+    assert (found.indices[~found.mask] == 7).all() and (found.scores[~found.mask] == 9.0).all()
+    plain = pipeline.candidates(batch, "prior", 3)
+    assert torch.equal(found.indices[0, :3], plain.indices[0])
+
+
+def test_config_that_changes_in_a_round_trip_is_named():
+    from pydantic import field_validator
+
+    from latentrag.core.config import StrictModel
+
+    class Doubling(StrictModel):
+        k: int = 1
+
+        @field_validator("k")
+        @classmethod
+        def _double(cls, k: int) -> int:
+            return 2 * k
+
+    with pytest.raises(checks.ConformanceError, match="Doubling: config changes in a dump"):
+        checks.check_config_round_trip(Doubling())

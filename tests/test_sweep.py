@@ -16,6 +16,7 @@ import pytest
 from latentrag.core.errors import ConfigError
 from latentrag.experiments.report import write_report
 from latentrag.experiments.sweep import (
+    SweepWarning,
     cell_name,
     expand_grid,
     parse_shard,
@@ -354,3 +355,111 @@ def test_cli_sweep_killed_and_rerun_equals_an_uninterrupted_sweep(tmp_path):
     expected = (reference / "results.csv").read_text()
     assert "em" in expected.splitlines()[0].split(",")
     assert (killed / "results.csv").read_text() == expected
+
+
+# -- estimators with different keys ------------------------------------------------------------
+
+MIXED_CONFIG = """\
+[retriever]
+name = "bm25"
+[posterior]
+name = "bm25"
+[generator]
+name = "hf-causal-lm"
+model = "tiny-llama"
+[estimator]
+name = "topk"
+k = 3
+samples = 2            # jsa and vrag have it, topk does not
+[estimator.jsa]        # only the jsa cells
+chain = "fresh"
+k = 5
+[data]
+source = "toy"
+[train]
+steps = 1
+"""
+
+
+class RecordingTrain(FakeTrain):
+    """FakeTrain that keeps each cell's resolved [estimator] section."""
+
+    def __init__(self):
+        super().__init__()
+        self.estimators: dict[str, dict] = {}
+
+    def __call__(self, resolved, config_path, out_dir: Path, resume: bool = False):
+        self.estimators[out_dir.name] = resolved.to_dict()["estimator"]
+        return super().__call__(resolved, config_path, out_dir, resume)
+
+
+def test_sweep_over_estimators_with_different_keys(tmp_path):
+    config = tmp_path / "mixed.toml"
+    config.write_text(MIXED_CONFIG)
+    fake = RecordingTrain()
+    with pytest.warns(SweepWarning) as caught:
+        results = run_sweep(config, ["estimator.name=topk,jsa"], 2, tmp_path / "out", train_fn=fake)
+    assert [r.status for r in results] == ["done"] * 4
+    topk = fake.estimators["estimator.name=topk__seed=0"]
+    jsa = fake.estimators["estimator.name=jsa__seed=1"]
+    assert "samples" not in topk and "chain" not in topk and topk["k"] == 3
+    assert (jsa["samples"], jsa["chain"], jsa["k"]) == (2, "fresh", 5)
+    messages = sorted(str(w.message) for w in caught if w.category is SweepWarning)
+    assert messages == [
+        f"cell estimator.name=topk__seed={seed}: estimator.samples dropped: "
+        "estimator 'topk' has no such key"
+        for seed in (0, 1)
+    ]
+
+
+def test_grid_and_set_values_beat_the_per_estimator_section(tmp_path):
+    config = tmp_path / "mixed.toml"
+    config.write_text(MIXED_CONFIG)
+    fake = RecordingTrain()
+    grid = ["estimator.name=topk,jsa", "estimator.k=2,4"]
+    with pytest.warns(SweepWarning):
+        run_sweep(
+            config, grid, 1, tmp_path / "out", overrides=["estimator.jsa.samples=7"], train_fn=fake
+        )
+    ks = {name: section["k"] for name, section in fake.estimators.items()}
+    assert ks == {
+        "estimator.name=topk__estimator.k=2__seed=0": 2,
+        "estimator.name=topk__estimator.k=4__seed=0": 4,
+        "estimator.name=jsa__estimator.k=2__seed=0": 2,
+        "estimator.name=jsa__estimator.k=4__seed=0": 4,
+    }
+    assert fake.estimators["estimator.name=jsa__estimator.k=2__seed=0"]["samples"] == 7
+
+
+def test_a_key_no_swept_estimator_has_is_still_an_error(tmp_path):
+    config = tmp_path / "typo.toml"
+    config.write_text(MIXED_CONFIG.replace("samples = 2 ", "samplez = 2"))
+    fake = RecordingTrain()
+    with pytest.raises(ConfigError) as info:
+        run_sweep(config, ["estimator.name=topk,jsa"], 1, tmp_path / "out", train_fn=fake)
+    assert str(info.value) == f"{config}: estimator.samplez: unknown key [all 2 cells]"
+    assert fake.calls == [] and not (tmp_path / "out").exists()
+
+
+def test_a_bad_key_in_a_per_estimator_section_names_its_cells(tmp_path):
+    config = tmp_path / "typo.toml"
+    config.write_text(MIXED_CONFIG.replace('chain = "fresh"', 'chian = "fresh"'))
+    with pytest.raises(ConfigError) as info, pytest.warns(SweepWarning):
+        run_sweep(config, ["estimator.name=topk,jsa"], 1, tmp_path / "out", train_fn=FakeTrain())
+    assert str(info.value) == f"{config}: estimator.chian: unknown key [estimator.name=jsa__seed=0]"
+
+
+def test_real_sweep_over_topk_and_jsa_with_a_jsa_only_key(tmp_path, one_thread):
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        TINY_CONFIG.replace('name = "bow"\n', 'name = "bow"\n[posterior]\nname = "bow"\nseed = 1\n')
+        .replace("k = 4\n", 'k = 4\nsamples = 2\n[estimator.jsa]\nchain = "fresh"\n')
+        .replace("steps = 2", "steps = 1")
+    )
+    out = tmp_path / "out"
+    with pytest.warns(SweepWarning, match="estimator.samples dropped: estimator 'topk'"):
+        results = run_sweep(config, ["estimator.name=topk,jsa"], 1, out)
+    assert [r.status for r in results] == ["done", "done"], [r.error for r in results]
+    written = (out / "estimator.name=jsa__seed=0" / "config.toml").read_text()
+    assert 'chain = "fresh"' in written and "samples = 2" in written
+    assert "samples" not in (out / "estimator.name=topk__seed=0" / "config.toml").read_text()

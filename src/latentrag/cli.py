@@ -108,8 +108,45 @@ def config() -> None:
 def config_validate(config_file: str, overrides: tuple[str, ...]) -> None:
     """Validate CONFIG_FILE without building anything; report every problem."""
     resolved = _load(config_file, overrides)
+    _check_estimator_k(resolved, config_file)
     roles = ", ".join(f"{role}={spec.name}" for role, (spec, _) in resolved.components.items())
     click.echo(f"{config_file}: ok ({roles})")
+
+
+def _corpus_size(data, base: Path) -> int | None:
+    """Passages in the config's corpus, counted as lines without parsing them (no torch);
+    None when the corpus cannot be read (the commands that load it say why)."""
+    if data.source == "toy":
+        from latentrag.toy.corpus import toy_corpus
+
+        return len(toy_corpus())
+    if data.source == "squad-slice":
+        from latentrag.data import squad_slice_dir
+
+        path = squad_slice_dir() / "passages.jsonl"
+    else:
+        path = Path(data.corpus).expanduser()
+        path = path if path.is_absolute() else base / path
+    try:
+        with path.open("rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    except OSError:
+        return None
+
+
+def _check_estimator_k(resolved, config_file: str) -> None:
+    """An estimator that draws `k` candidates per retriever needs a corpus of at least k."""
+    from latentrag.core.errors import ConfigError
+
+    component = resolved.component("estimator")
+    k = getattr(component[1], "k", None) if component else None
+    if not isinstance(k, int) or getattr(component[1], "candidates", None) == "corpus":
+        return
+    size = _corpus_size(resolved.pipeline.data, Path(config_file).parent)
+    if size is not None and k > size:
+        raise ConfigError(
+            f"{config_file}: estimator.k: {k} is larger than the corpus ({size} passages)"
+        )
 
 
 @config.command("show")

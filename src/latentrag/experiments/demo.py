@@ -35,7 +35,7 @@ from latentrag.experiments.tables import format_table
 from latentrag.io.toml_writer import dumps
 from latentrag.training.loglik_cache import LoglikCache, generator_identity, use_cache
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo.toml"
+DEMO_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "demo.toml"
 DEMO_ESTIMATORS = ("topk", "vrag", "jsa")
 LOGLIK_FILE = "logliks.json"
 ANSWER_FILE = "answers.json"

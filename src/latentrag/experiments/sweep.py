@@ -5,6 +5,23 @@ folder per cell with `cell.json` (its grid values and seed, written when it star
 the run's own files. A cell whose `eval.json` exists is finished and skipped, so a killed
 sweep is resumed by running the same command again; shards (`--shard I/N`) split the cells
 round-robin and can share one folder or be copied into one afterwards.
+
+Sweeping estimators whose settings differ (`--grid estimator.name=topk,jsa`): the
+``[estimator]`` section holds what they share, and a sub-table named after an estimator
+holds what only that one reads; it applies to the cells that run that estimator::
+
+    [estimator]
+    name = "topk"
+    k = 4                  # every estimator
+    [estimator.jsa]        # only the cells with estimator.name = "jsa"
+    samples = 4
+    chain = "fresh"
+
+A cell's ``[estimator]`` is the shared keys, then its estimator's sub-table, then the
+``--set`` and ``--grid`` values (``estimator.k=2`` for all, ``estimator.jsa.samples=8`` for
+one). A shared key that the cell's estimator does not have but another swept estimator has
+is dropped from that cell, with one warning line per cell naming the keys and the
+estimator; a key that no swept estimator has stays an error naming it.
 """
 
 from __future__ import annotations
@@ -16,13 +33,21 @@ import re
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentrag.core.config import ResolvedConfig, load_config, parse_override
+from latentrag.core.config import (
+    ResolvedConfig,
+    apply_overrides,
+    parse_override,
+    read_toml,
+    resolve,
+)
 from latentrag.core.errors import ConfigError, LatentragError
+from latentrag.core.registry import Registry, default_registry
 from latentrag.io.atomic import atomic_write_bytes
 
 SWEEP_FILE = "sweep.json"
@@ -223,14 +248,107 @@ def claim_folder(out_dir: Path, manifest: dict[str, Any]) -> None:
             )
 
 
+class SweepWarning(UserWarning):
+    """A cell's config was adapted (shared estimator keys its estimator does not have)."""
+
+
+def _estimator_fields(registry: Registry, name: object) -> set[str] | None:
+    """The config keys of estimator `name`, None when it is not registered."""
+    if not isinstance(name, str):
+        return None
+    try:
+        return set(registry.get("estimator", name).config_model.model_fields)
+    except LatentragError:
+        return None
+
+
+def _split_section(section: Any, fields: set[str], registry: Registry) -> tuple[dict, dict]:
+    """[estimator] as (shared keys, per-estimator sub-tables): a table-valued key named after
+    a registered estimator is a sub-table unless the cell's estimator has a key of that name."""
+    if not isinstance(section, dict):
+        return {}, {}
+    shared, own = {}, {}
+    for key, value in section.items():
+        is_sub = isinstance(value, dict) and key not in fields and key != "name"
+        if is_sub and _estimator_fields(registry, key) is not None:
+            own[key] = value
+        else:
+            shared[key] = value
+    return shared, own
+
+
+def cell_data(
+    base: dict[str, Any],
+    overrides: Sequence[str],
+    swept: Sequence[str],
+    registry: Registry,
+    cell: str = "",
+) -> dict[str, Any]:
+    """A cell's config dict: `base` with `overrides` applied, its estimator's sub-table
+    merged into [estimator] and every sub-table removed, and the shared keys that its
+    estimator lacks but one of the `swept` estimators has dropped (one warning)."""
+    data = apply_overrides(base, list(overrides))
+    name = data["estimator"].get("name") if isinstance(data.get("estimator"), dict) else None
+    fields = _estimator_fields(registry, name)
+    if fields is None:
+        return data  # no [estimator] or an unknown one: resolve() reports it
+    given = apply_overrides({}, list(overrides)).get("estimator", {})
+    file_shared, file_own = _split_section(base.get("estimator"), fields, registry)
+    given_shared, given_own = _split_section(given, fields, registry)
+    # the file's shared keys < its sub-table < --set/--grid shared keys < their sub-table
+    own = [file_own.get(name, {}), given_own.get(name, {})]
+    section = {**file_shared, **own[0], **given_shared, **own[1]}
+    dropped = _foreign_keys(section, fields, {*own[0], *own[1]}, swept, name, registry)
+    if dropped:
+        keys = ", ".join(f"estimator.{key}" for key in dropped)
+        where = f"cell {cell}: " if cell else ""
+        message = f"{where}{keys} dropped: estimator {name!r} has no such key"
+        warnings.warn(message, SweepWarning, stacklevel=2)
+    data["estimator"] = {k: v for k, v in section.items() if k not in dropped}
+    return data
+
+
+def _foreign_keys(
+    section: dict[str, Any],
+    fields: set[str],
+    own: set[str],
+    swept: Sequence[str],
+    name: str,
+    registry: Registry,
+) -> list[str]:
+    """Shared keys that estimator `name` lacks and another swept estimator has."""
+    others = [_estimator_fields(registry, n) or set() for n in swept if n != name]
+    return [
+        key
+        for key in section
+        if key != "name"
+        and key not in fields
+        and key not in own
+        and any(key in other for other in others)
+    ]
+
+
+def _swept_estimators(cells: Sequence[Cell]) -> list[str]:
+    names = [cell.assignment.get("estimator.name") for cell in cells]
+    return list(dict.fromkeys(n for n in names if isinstance(n, str)))
+
+
 def resolve_cells(
-    config_path: Path, cells: Sequence[Cell], overrides: Sequence[str]
+    config_path: Path,
+    cells: Sequence[Cell],
+    overrides: Sequence[str],
+    registry: Registry | None = None,
 ) -> list[ResolvedConfig]:
-    """Resolve every cell's config; one ConfigError naming each bad cell before any run."""
+    """Resolve every cell's config (see `cell_data`); one ConfigError naming each bad cell
+    before any run."""
+    registry = registry or default_registry()
+    base = read_toml(config_path)
+    swept = _swept_estimators(cells)
     resolved, problems = [], {}
     for cell in cells:
         try:
-            resolved.append(load_config(config_path, [*overrides, *cell.overrides]))
+            data = cell_data(base, [*overrides, *cell.overrides], swept, registry, cell.name)
+            resolved.append(resolve(data, str(config_path), registry))
         except LatentragError as exc:
             for line in str(exc).splitlines():
                 problems.setdefault(line, []).append(cell.name)
@@ -312,8 +430,11 @@ def run_sweep(
     overrides: Sequence[str] = (),
     shard: tuple[int, int] | None = None,
     train_fn: TrainFn | None = None,
+    registry: Registry | None = None,
 ) -> list[CellResult]:
-    """Run this shard's cells of the sweep into `out_dir`, skipping finished ones."""
+    """Run this shard's cells of the sweep into `out_dir`, skipping finished ones.
+
+    `registry` resolves the cells' components (default: the process-wide one)."""
     from tqdm.auto import tqdm
 
     config_path, out_dir = Path(config_path), Path(out_dir)
@@ -327,7 +448,7 @@ def run_sweep(
         key = ".".join(parse_override(text)[0])
         if key in grid_keys:
             raise ConfigError(f"--set {text!r}: {key} is also swept by --grid")
-    resolved = resolve_cells(config_path, cells, overrides)
+    resolved = resolve_cells(config_path, cells, overrides, registry)
     claim_folder(out_dir, sweep_manifest(config_path, axes, seeds, overrides))
 
     train_fn = train_fn or _default_train_fn()

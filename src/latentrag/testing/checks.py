@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from latentrag.core.errors import LatentragError
 from latentrag.core.interfaces import Estimator, Generator, Reranker, Retriever
-from latentrag.core.types import Batch, Corpus
+from latentrag.core.types import Batch, Candidates, Corpus
 from latentrag.toy.corpus import toy_corpus, toy_examples
 
 
@@ -70,10 +70,13 @@ def _check_shape(component, tensor: torch.Tensor, shape: tuple[int, ...], what: 
 
 
 def check_config_round_trip(config: BaseModel) -> None:
-    """The config survives a dump and re-validation unchanged, and rejects unknown keys."""
+    """The config survives a dump and re-validation unchanged, and rejects unknown keys.
+
+    Compared as dumps: a nested component (`ComponentRef`) validated again is unresolved
+    until a registry resolves it, but dumps the same options."""
     model = type(config)
     again = model.model_validate(config.model_dump())
-    if again != config:
+    if again.model_dump() != config.model_dump():
         raise ConformanceError(f"{model.__name__}: config changes in a dump/validate round trip")
     try:
         model.model_validate({**config.model_dump(), "no_such_key_xyz": 1})
@@ -226,33 +229,99 @@ def check_generator(factory: Callable[[], Generator]) -> None:
 
 # -- estimators ---------------------------------------------------------------------------
 
+#: padded slots appended to every candidate set by `PaddedModel`
+PADDING = 2
 
-def toy_pipeline(seed: int = 0):
-    """Tabular prior, posterior and generator over the toy corpus: exact checks are cheap."""
+
+class TableReranker(torch.nn.Module, Reranker):
+    """score(question, passage) = a learnable table entry: a trainable reranker for the
+    toy pipeline, so that the kit can see whether gradient reaches the reranker role."""
+
+    def __init__(self, questions: Sequence[str], corpus: Corpus, seed: int = 0) -> None:
+        super().__init__()
+        self.rows = {q: i for i, q in enumerate(questions)}
+        self.columns = {text: i for i, text in enumerate(corpus.texts())}
+        seeded = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(torch.randn(len(questions), len(corpus), generator=seeded))
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {"table": self}
+
+    def score(self, queries: Sequence[str], passages: Sequence[Sequence[str]]) -> torch.Tensor:
+        rows = torch.tensor([self.rows[q] for q in queries])
+        columns = torch.tensor([[self.columns[p] for p in ps] for ps in passages])
+        return self.table[rows.unsqueeze(1), columns]
+
+
+def toy_pipeline(seed: int = 0, reranker: bool = False):
+    """Tabular prior, posterior and generator (and, with `reranker`, a tabular reranker) over
+    the toy corpus, every one trainable: exact checks are cheap."""
     from latentrag.core.pipeline import Pipeline
     from latentrag.toy.components import TableGenerator, TableRetriever
 
     corpus, examples = toy_corpus(), toy_examples()
+    questions = list(dict.fromkeys(e.question for e in examples))
     pipeline = Pipeline(
         corpus,
         TableRetriever.from_examples(examples, corpus, seed=seed),
         TableGenerator.from_examples(examples, corpus, seed=seed + 1),
         posterior=TableRetriever.from_examples(examples, corpus, posterior=True, seed=seed + 2),
+        reranker=TableReranker(questions, corpus, seed=seed + 3) if reranker else None,
     )
     pipeline.index()
     return pipeline, examples
 
 
-def _estimator_gradients(estimator: Estimator, pipeline, batch: Batch):
-    out = estimator.loss(batch, pipeline)
+class PaddedModel:
+    """A `LatentModel` whose candidate sets are padded, as a union of two retrievers' sets is.
+
+    Every set gets `PADDING` masked slots at its end, and every second example one valid
+    candidate fewer, so rows differ in length. The padded slots hold corpus row `filler` and
+    score `filler_score`: an estimator that honours the mask gives the same loss whatever
+    they hold. Everything else is the wrapped pipeline's.
+    """
+
+    def __init__(self, model, filler: int = 0, filler_score: float = 0.0) -> None:
+        self.model = model
+        self.filler = filler
+        self.filler_score = filler_score
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def candidates(self, batch: Batch, source: str, k: int) -> Candidates:
+        found = self.model.candidates(batch, source, k)
+        valid = found.valid().clone()
+        for b in range(1, valid.shape[0], 2):
+            slots = valid[b].nonzero().flatten()
+            if len(slots) > 1:
+                valid[b, slots[-1]] = False
+        width = (valid.shape[0], PADDING)
+        valid = torch.cat([valid, torch.zeros(width, dtype=torch.bool)], dim=1)
+        indices = torch.cat([found.indices, torch.zeros(width, dtype=torch.long)], dim=1)
+        scores = torch.cat([found.scores.float(), torch.zeros(width)], dim=1)
+        indices = torch.where(valid, indices, torch.full_like(indices, self.filler))
+        scores = torch.where(valid, scores, torch.full_like(scores, self.filler_score))
+        return Candidates(indices, scores, valid)
+
+
+def _role_gradients(estimator: Estimator, model, pipeline, batch: Batch):
+    """The estimator's output on `model` and, per trainable role of `pipeline`, the
+    gradients of its loss (None where a parameter is not reached)."""
+    out = estimator.loss(batch, model)
     params = {
-        role: _trainable_parameters(pipeline.roles()[role])
-        for role in estimator.trains
-        if role in pipeline.roles()
+        role: _trainable_parameters(component)
+        for role, component in pipeline.roles().items()
+        if role != "estimator"
     }
     flat = [p for ps in params.values() for p in ps]
-    grads = torch.autograd.grad(out.loss, flat, allow_unused=True)
-    return out, params, grads
+    grads = iter(torch.autograd.grad(out.loss, flat, allow_unused=True))
+    return out, {role: [next(grads) for _ in ps] for role, ps in params.items()}
+
+
+def _touched(grads: Sequence[torch.Tensor | None]) -> bool:
+    """Whether any gradient is non-zero (NaN counts as non-zero)."""
+    return any(g is not None and bool((g != 0).any()) for g in grads)
 
 
 def check_estimator(
@@ -260,31 +329,83 @@ def check_estimator(
     exact_cosine: float | None = None,
     seeds: int = 32,
 ) -> None:
-    """A finite scalar loss, gradients to every trained role, determinism under a seed, and,
-    with `exact_cosine`, the mean gradient over `seeds` runs against the exact gradient."""
-    pipeline, examples = toy_pipeline()
+    """A finite scalar loss; gradients to every role it trains and to no other (on a toy
+    pipeline whose retriever, posterior, reranker and generator are all trainable); padded
+    candidate sets masked (finite loss and gradients, the padded slots' content ignored);
+    determinism under a seed; and, with `exact_cosine`, the mean gradient over `seeds` runs
+    against the exact gradient."""
+    pipeline, examples = toy_pipeline(reranker=True)
     batch = Batch(list(examples[:4]))
     estimator = _seeded(factory)
-    out, params, grads = _estimator_gradients(estimator, pipeline, batch)
+    out, grads = _role_gradients(estimator, pipeline, pipeline, batch)
     _require(out.loss.dim() == 0, estimator, f"loss must be a scalar, got {tuple(out.loss.shape)}")
     _require(bool(torch.isfinite(out.loss)), estimator, "loss is not finite")
     for key, value in out.diagnostics.items():
         _require(isinstance(value, float), estimator, f"diagnostic {key!r} must be a float")
-    offset = 0
-    for role, ps in params.items():
-        chunk = grads[offset : offset + len(ps)]
-        offset += len(ps)
-        reached = any(g is not None and bool(g.abs().sum() > 0) for g in chunk)
-        _require(reached, estimator, f"trains {role!r} but no gradient reaches it")
+    _check_trained_roles(estimator, grads)
     again = _seeded(factory)
-    out_again = again.loss(batch, toy_pipeline()[0])
+    out_again = again.loss(batch, toy_pipeline(reranker=True)[0])
     _require(
         torch.allclose(out_again.loss.detach(), out.loss.detach(), atol=1e-6),
         estimator,
         "not deterministic: two instances built the same way give different losses",
     )
+    _check_padding(factory, batch)
     if exact_cosine is not None:
         _check_against_exact(factory, batch, exact_cosine, seeds)
+
+
+def _check_trained_roles(estimator: Estimator, grads: dict[str, list]) -> None:
+    """Gradient reaches every role in `trains` and no other."""
+    trained = estimator.trained_roles()
+    for role, role_grads in grads.items():
+        if role in trained:
+            _require(_touched(role_grads), estimator, f"trains {role!r} but no gradient reaches it")
+        else:
+            _require(
+                not _touched(role_grads),
+                estimator,
+                f"gradient reaches {role!r}, which it does not train (trains = {trained}): "
+                "detach what flows into it, or declare it in `trains`",
+            )
+
+
+def _check_padding(factory: Callable[[], Estimator], batch: Batch) -> None:
+    """On padded candidate sets the loss and every gradient are finite, and the same
+    whatever the padded slots hold."""
+    results = []
+    for filler, filler_score in ((0, 0.0), (-1, 50.0)):
+        pipeline, _ = toy_pipeline(reranker=True)
+        padded = PaddedModel(pipeline, filler % len(pipeline.corpus), filler_score)
+        estimator = _seeded(factory)
+        out, grads = _role_gradients(estimator, padded, pipeline, batch)
+        _require(
+            bool(torch.isfinite(out.loss)),
+            estimator,
+            "loss is not finite on padded candidate sets (slots with mask False: "
+            "log-probability -inf, log-likelihood 0); keep them out of the arithmetic",
+        )
+        for role, role_grads in grads.items():
+            finite = all(g is None or bool(torch.isfinite(g).all()) for g in role_grads)
+            _require(
+                finite,
+                estimator,
+                f"gradient to {role!r} is not finite on padded candidate sets (0 * -inf at "
+                "a padded slot?); keep masked slots out of the arithmetic",
+            )
+        results.append((out.loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    same = torch.allclose(loss_a, loss_b, atol=1e-6) and all(
+        (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6))
+        for role in grads_a
+        for a, b in zip(grads_a[role], grads_b[role])
+    )
+    _require(
+        same,
+        estimator,
+        "the loss or its gradient depends on what padded candidate slots hold (their "
+        "indices/scores where the mask is False); ignore the masked slots",
+    )
 
 
 def _check_against_exact(factory, batch: Batch, min_cosine: float, seeds: int) -> None:
@@ -304,6 +425,8 @@ def _check_against_exact(factory, batch: Batch, min_cosine: float, seeds: int) -
 
 __all__ = [
     "ConformanceError",
+    "PaddedModel",
+    "TableReranker",
     "check_config_round_trip",
     "check_estimator",
     "check_generator",
