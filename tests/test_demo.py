@@ -13,7 +13,7 @@ from latentrag.core.pipeline import Pipeline
 from latentrag.core.registry import default_registry
 from latentrag.core.types import Batch
 from latentrag.toy.corpus import toy_corpus, toy_examples
-from latentrag.training.loglik_cache import LoglikCache, generator_identity, use_cache
+from latentrag.training.loglik_cache import LoglikCache, generator_identity
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -47,35 +47,39 @@ def batch() -> Batch:
 # -- the log-likelihood cache ----------------------------------------------------------------
 
 
+def cached(pipeline: Pipeline, cache: LoglikCache) -> Pipeline:
+    """A pipeline sharing `pipeline`'s components, given `cache` (its own forward count)."""
+    return Pipeline(pipeline.corpus, pipeline.retriever, pipeline.generator, loglik_cache=cache)
+
+
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
 def test_cached_logliks_equal_uncached_ones(frozen, batch, reduce, one_thread):
     plain = frozen.rows_loglik(batch, ROWS, reduce, mask=MASK)
     cache = LoglikCache()
-    with use_cache(cache):
-        cold = frozen.rows_loglik(batch, ROWS, reduce, mask=MASK)
-        forwards = frozen.generator_forwards
-        warm = frozen.rows_loglik(batch, ROWS, reduce, mask=MASK)
+    pipeline = cached(frozen, cache)
+    cold = pipeline.rows_loglik(batch, ROWS, reduce, mask=MASK)
+    forwards = pipeline.generator_forwards
+    warm = pipeline.rows_loglik(batch, ROWS, reduce, mask=MASK)
     assert torch.equal(plain, cold) and torch.equal(plain, warm)
     assert cold.dtype == warm.dtype == plain.dtype
-    assert frozen.generator_forwards == forwards  # the warm call scored nothing
+    assert forwards == 9 and pipeline.generator_forwards == forwards  # warm: nothing scored
     assert cache.misses == 9 and cache.hits == 9  # 9 distinct valid (example, row) pairs
 
 
 def test_partly_cached_rows_score_only_the_new_pairs(frozen, batch, one_thread):
     plain = frozen.rows_loglik(batch, ROWS, mask=MASK)
-    cache = LoglikCache()
-    with use_cache(cache):
-        frozen.rows_loglik(batch, ROWS[:, :2])
-        before = frozen.generator_forwards
-        mixed = frozen.rows_loglik(batch, ROWS, mask=MASK)
-    assert frozen.generator_forwards - before == 9 - 5  # 5 pairs were scored first
+    pipeline = cached(frozen, LoglikCache())
+    pipeline.rows_loglik(batch, ROWS[:, :2])
+    before = pipeline.generator_forwards
+    mixed = pipeline.rows_loglik(batch, ROWS, mask=MASK)
+    assert pipeline.generator_forwards - before == 9 - 5  # 5 pairs were scored first
     torch.testing.assert_close(mixed, plain)  # other batch-mates: equal up to rounding
 
 
 def test_sum_and_mean_are_cached_apart(frozen, batch, one_thread):
-    with use_cache(LoglikCache()):
-        total = frozen.rows_loglik(batch, ROWS, "sum")
-        mean = frozen.rows_loglik(batch, ROWS, "mean")
+    pipeline = cached(frozen, LoglikCache())
+    total = pipeline.rows_loglik(batch, ROWS, "sum")
+    mean = pipeline.rows_loglik(batch, ROWS, "mean")
     assert not torch.allclose(total, mean)
 
 
@@ -83,9 +87,11 @@ def test_a_trainable_generator_is_never_cached(batch, one_thread):
     trainable = tiny_pipeline(freeze=False)
     assert generator_identity(trainable.generator) is None
     cache = LoglikCache()
-    with use_cache(cache):
-        out = trainable.rows_loglik(batch, ROWS)
-    assert len(cache) == 0 and out.requires_grad
+    trainable.loglik_cache = cache
+    out = trainable.rows_loglik(batch, ROWS)
+    again = trainable.rows_loglik(batch, ROWS)
+    assert len(cache) == 0 and cache.misses == cache.hits == 0
+    assert out.requires_grad and torch.equal(out, again)
 
 
 def test_identity_names_the_generator_config(frozen):
@@ -97,15 +103,13 @@ def test_identity_names_the_generator_config(frozen):
 def test_the_cache_file_round_trips_exactly(frozen, batch, tmp_path, one_thread):
     path = tmp_path / "sub" / "logliks.json"
     first = LoglikCache(path)
-    with use_cache(first):
-        written = frozen.rows_loglik(batch, ROWS, mask=MASK)
+    written = cached(frozen, first).rows_loglik(batch, ROWS, mask=MASK)
     first.save()
     second = LoglikCache(path)
-    forwards = frozen.generator_forwards
-    with use_cache(second):
-        read = frozen.rows_loglik(batch, ROWS, mask=MASK)
+    reader = cached(frozen, second)
+    read = reader.rows_loglik(batch, ROWS, mask=MASK)
     assert torch.equal(written, read) and len(second) == 9
-    assert frozen.generator_forwards == forwards
+    assert reader.generator_forwards == 0
     assert json.loads(path.read_text())["version"] == 1
 
 
@@ -118,15 +122,18 @@ def test_a_damaged_cache_file_is_a_latentrag_error(tmp_path):
         LoglikCache(path)
 
 
-def test_use_cache_restores_the_previous_cache():
-    from latentrag.training.loglik_cache import active_cache
+def test_only_the_pipeline_given_the_cache_consults_it(frozen, batch, one_thread):
+    from latentrag.core.config import resolve
 
-    outer, inner = LoglikCache(), LoglikCache()
-    with use_cache(outer):
-        with use_cache(inner):
-            assert active_cache() is inner
-        assert active_cache() is outer
-    assert active_cache() is None
+    cache = LoglikCache()
+    data = {"retriever": {"name": "bow"}}
+    data["generator"] = {"name": "hf-causal-lm", "model": "tiny-llama", "freeze": True}
+    built = Pipeline.from_config(resolve(data), toy_corpus(), loglik_cache=cache)
+    assert built.loglik_cache is cache
+    frozen.rows_loglik(batch, ROWS)  # no cache given: no process-wide one is consulted
+    assert len(cache) == 0 and frozen.loglik_cache is None
+    built.rows_loglik(batch, ROWS)
+    assert len(cache) == cache.misses == 10  # distinct (example, row) pairs of ROWS
 
 
 # -- the demo --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from latentrag import hookimpl
 from latentrag.core.config import (
     ComponentSection,
     PipelineConfig,
+    ResolvedConfig,
     StrictModel,
     TrainConfig,
     resolve,
@@ -25,7 +26,9 @@ from latentrag.core.registry import Registry
 from latentrag.core.types import Candidates
 from latentrag.testing import toy_corpus, toy_examples
 from latentrag.training.checkpoint import list_checkpoints, read_checkpoint
-from latentrag.training.loop import DataOrder, Trainer, TrainingError
+from latentrag.training.determinism import DataOrder
+from latentrag.training.errors import TrainingError
+from latentrag.training.loop import Trainer
 
 BUCKETS = 97
 
@@ -151,11 +154,13 @@ def make_pipeline(seed=0, generator=True, dropout=0.0, **estimator):
     return pipeline
 
 
-def config(**train) -> PipelineConfig:
+def config(**train) -> ResolvedConfig:
+    """A resolved config for the hand-built pipelines below (no component to resolve)."""
     defaults = {"steps": 4, "batch_size": 4, "lr": 0.05, "seed": 0}
-    return PipelineConfig(
+    settings = PipelineConfig(
         retriever=ComponentSection(name="toy"), train=TrainConfig(**(defaults | train))
     )
+    return ResolvedConfig(settings, components={})
 
 
 def params(pipeline) -> dict[str, torch.Tensor]:
@@ -189,6 +194,27 @@ def test_data_order_is_a_seeded_permutation_per_epoch():
     again = DataOrder(5, seed=3, epoch=1, index=3)
     assert again.take(2) == second[3:]
     assert DataOrder(5, seed=4).take(5) != first
+
+
+def test_takes_a_resolved_config_only(tmp_path):
+    with pytest.raises(TypeError, match="Trainer takes a ResolvedConfig .*not PipelineConfig"):
+        Trainer(make_pipeline(), config().pipeline, toy_examples(), out_dir=tmp_path)
+
+
+def test_a_given_measure_is_what_evaluations_report(tmp_path):
+    asked = []
+
+    def measure(pipeline, examples, *, qa):
+        asked.append((len(examples), qa, torch.is_grad_enabled()))
+        return {"size": float(len(examples))}
+
+    pipeline, dev = make_pipeline(), toy_examples()[:5]
+    trainer = Trainer(
+        pipeline, config(steps=3, eval_every=2), toy_examples(), dev, tmp_path, measure=measure
+    )
+    result = trainer.train()
+    assert asked == [(5, False, False), (5, True, False)]  # step 2; step 3, the last, answers
+    assert result["size"] == 5.0 and trainer.final_metrics == {"size": 5.0}
 
 
 def test_loss_decreases_on_a_learnable_toy(tmp_path):
@@ -360,6 +386,7 @@ def test_eval_and_refresh_happen_on_schedule(tmp_path):
     evals = [line for line in metric_lines(tmp_path) if "eval" in line]
     assert [line["step"] for line in evals] == [2, 4]
     assert set(evals[0]["eval"]) == {"recall@1", "recall@5", "recall@20", "mrr@10"}
+    assert set(evals[-1]["eval"]) == set(evals[0]["eval"]) | {"em", "f1"}  # the run's result
     assert result["recall@1"] == evals[-1]["eval"]["recall@1"]
 
 

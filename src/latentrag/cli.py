@@ -211,16 +211,18 @@ def evaluate(
     config_file: str, split: str, qa: bool, limit: int | None, overrides: tuple[str, ...]
 ) -> None:
     """Recall@k and MRR@10 of the retriever against gold passages (EM/F1 with --qa)."""
-    from latentrag.evaluation.measure import evaluate_qa, evaluate_retrieval
+    from latentrag.evaluation.measure import measure
     from latentrag.experiments.tables import format_table
 
     resolved, dataset, pipeline = _setup(config_file, overrides)
     examples = dataset.split(split, limit)
-    eval_cfg = resolved.pipeline.eval
-    metrics = evaluate_retrieval(pipeline, dataset.corpus, examples, ks=eval_cfg.recall_at)
-    if qa:
-        metrics.update(
-            evaluate_qa(pipeline, examples, eval_cfg.passages, eval_cfg.max_new_tokens)
+    if qa and pipeline.generator is None:
+        raise LatentragError(f"{config_file}: --qa needs a [generator] section")
+    metrics = measure(pipeline, examples, resolved.pipeline.eval, qa=qa, progress=True)
+    if not any(k.startswith("recall@") for k in metrics) and not qa:
+        raise LatentragError(
+            f"{config_file}: split {split!r}: no question has gold_ids to measure retrieval "
+            "against; use --qa for EM/F1"
         )
     roles = [r for r in ("retriever", "reranker") if r in resolved.components]
     names = [resolved.components[r][0].name for r in roles]
@@ -237,11 +239,11 @@ def evaluate(
 def train(config_file: str, out_dir: str, resume: bool, overrides: tuple[str, ...]) -> None:
     """Train the pipeline end to end with its estimator; results go to OUT."""
     from latentrag.experiments.runs import train_run
-
-    metrics = train_run(_load(config_file, overrides), Path(config_file), Path(out_dir), resume)
     from latentrag.experiments.tables import format_table
 
-    click.echo(format_table([metrics]))
+    metrics = train_run(_load(config_file, overrides), Path(config_file), Path(out_dir), resume)
+    if metrics:  # under torchrun, ranks other than 0 have none to print
+        click.echo(format_table([metrics]))
 
 
 @main.command()

@@ -6,20 +6,42 @@ log-probabilities over them, and generator log-likelihoods. Estimators only see 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
 from latentrag.core.interfaces import Estimator, Generator, Reduce, Reranker, Retriever
 from latentrag.core.types import Batch, Candidates, Corpus
-from latentrag.training.loglik_cache import active_cache, generator_identity
 
 if TYPE_CHECKING:
     from latentrag.core.config import ResolvedConfig
 
 SOURCES = ("prior", "posterior", "union", "corpus")
+
+#: score(queries, passages [n][1], targets) -> log p(y|x,h) [n]
+ScoreFn = Callable[[list[str], list[list[str]], list[str]], Tensor]
+
+
+class ScoreCache(Protocol):
+    """What `Pipeline.rows_loglik` consults for generator log-likelihoods, when the
+    pipeline was given one (`training.loglik_cache.LoglikCache` is the shipped one).
+
+    `loglik` returns log p(y|x,h) [n] of the n (query, passage, target) triples, calling
+    `score` for the ones it does not hold; a cache remembers only a generator whose scores
+    cannot change (a frozen one) and scores every triple of any other.
+    """
+
+    def loglik(
+        self,
+        generator: Generator,
+        queries: Sequence[str],
+        passages: Sequence[str],
+        targets: Sequence[str],
+        reduce: str,
+        score: ScoreFn,
+    ) -> Tensor: ...
 
 
 def merge_candidates(first: Candidates, second: Candidates) -> Candidates:
@@ -52,7 +74,11 @@ def masked_log_softmax(scores: Tensor, mask: Tensor | None, temperature: float) 
 
 
 class Pipeline:
-    """The assembled components plus the corpus they work over."""
+    """The assembled components plus the corpus they work over.
+
+    loglik_cache: remembers a frozen generator's log-likelihoods (`ScoreCache`); whoever
+    owns the cache (a run, the demo) passes it, and may share it between pipelines.
+    """
 
     def __init__(
         self,
@@ -63,6 +89,7 @@ class Pipeline:
         reranker: Reranker | None = None,
         estimator: Estimator | None = None,
         rerank_pool: int = 20,
+        loglik_cache: ScoreCache | None = None,
     ) -> None:
         self.corpus = corpus
         self.rerank_pool = rerank_pool
@@ -71,15 +98,23 @@ class Pipeline:
         self.posterior = posterior
         self.reranker = reranker
         self.estimator = estimator
+        self.loglik_cache = loglik_cache
         self._texts = corpus.texts()
         self.generator_forwards = 0
 
     @classmethod
-    def from_config(cls, config: ResolvedConfig, corpus: Corpus, index: bool = True) -> Pipeline:
+    def from_config(
+        cls,
+        config: ResolvedConfig,
+        corpus: Corpus,
+        index: bool = True,
+        loglik_cache: ScoreCache | None = None,
+    ) -> Pipeline:
         """Build every configured component and (unless `index` is False) index the corpus."""
         context = config.build_context()
         built = {role: spec.build(cfg, context) for role, (spec, cfg) in config.components.items()}
-        pipeline = cls(corpus, **built, rerank_pool=config.pipeline.eval.rerank_pool)
+        rerank_pool = config.pipeline.eval.rerank_pool
+        pipeline = cls(corpus, **built, rerank_pool=rerank_pool, loglik_cache=loglik_cache)
         if index:
             pipeline.index()
         return pipeline
@@ -181,14 +216,11 @@ class Pipeline:
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
                 return self.generator.loglik(queries, passages, targets, reduce=reduce)[:, 0]
 
-        # a frozen generator's scores never change: the active cache (if any) remembers them
-        cache = active_cache()
-        identity = generator_identity(self.generator) if cache is not None else None
-        if cache is None or identity is None:
+        if self.loglik_cache is None:
             flat = score(queries, passages, targets)
-        else:
+        else:  # it remembers a frozen generator's scores, which never change
             texts = [p for (p,) in passages]
-            flat = cache.loglik(identity, queries, texts, targets, reduce, score)
+            flat = self.loglik_cache.loglik(self.generator, queries, texts, targets, reduce, score)
         gather = torch.tensor(
             [slot.get((b, r), 0) for (b, r), _ in _cells(rows, valid)], dtype=torch.long
         ).view(rows.shape)

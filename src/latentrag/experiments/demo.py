@@ -4,8 +4,9 @@ A sweep of `examples/demo.toml` over the estimators (top-K, VRAG, JSA), one seed
 the packaged models: a MiniLM bi-encoder prior (its query encoder learns; passages are
 encoded once), a second MiniLM reading "question answer" as the posterior, and a frozen
 SmolLM2-135M generator. A frozen generator's outputs never change, so its log-likelihoods
-(`core.loglik_cache`) and its greedy answers (`AnswerCache`) are computed once and shared
-by every run; end-to-end training then costs retriever steps only. Each run reports the
+(`training.loglik_cache`, handed to each run's pipeline) and its greedy answers
+(`AnswerCache`) are computed once and shared by every run; end-to-end training then costs
+retriever steps only. Each run is a `runs.train_run` with the demo's measurement: the
 prior's recall@k and the answers' EM/F1 before and after training; the demo prints the
 sweep's table, the plot paths and a verdict computed from those numbers.
 """
@@ -27,19 +28,19 @@ from tqdm.auto import tqdm
 
 from latentrag.core.config import EvalConfig, ResolvedConfig
 from latentrag.core.errors import LatentragError
-from latentrag.data.readers import atomic_write_bytes
-from latentrag.evaluation.metrics import exact_match, f1
+from latentrag.core.types import Example
+from latentrag.evaluation.measure import measure
 from latentrag.experiments.report import write_report
-from latentrag.experiments.sweep import run_sweep
+from latentrag.experiments.runs import RunData, load_run_data, train_run
+from latentrag.experiments.sweep import expand_grid, resolve_cells, run_sweep
 from latentrag.experiments.tables import format_table
-from latentrag.io.toml_writer import dumps
-from latentrag.training.loglik_cache import LoglikCache, generator_identity, use_cache
+from latentrag.io.atomic import atomic_write_bytes
+from latentrag.training.loglik_cache import LoglikCache, generator_identity
 
 DEMO_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "demo.toml"
 DEMO_ESTIMATORS = ("topk", "vrag", "jsa")
 LOGLIK_FILE = "logliks.json"
 ANSWER_FILE = "answers.json"
-EVAL_FILE = "eval.json"
 #: the metrics the verdict compares, best first
 VERDICT_METRICS = ("recall@1", "f1")
 
@@ -108,18 +109,32 @@ def _answer_key(identity: str, question: str, passages: Sequence[str], max_new: 
 # -- one run of the sweep ------------------------------------------------------------------------
 
 
-def qa_metrics(pipeline, examples, answers: AnswerCache, passages: int, max_new: int) -> dict:
-    """EM and F1 of the greedy answers from the prior's top `passages` passages."""
-    questions = [e.question for e in examples]
-    top = pipeline.retrieve(questions, passages)
-    predicted = answers.answers(
-        pipeline.generator, questions, pipeline.passages(top.indices), max_new
-    )
-    count = len(examples)
-    return {
-        "em": sum(exact_match(a, e.answers) for a, e in zip(predicted, examples)) / count,
-        "f1": sum(f1(a, e.answers) for a, e in zip(predicted, examples)) / count,
-    }
+@dataclass
+class DemoMeasure:
+    """The demo's measurement of a run (a `Measure`): the prior's recall@k on the dev
+    questions, its recall@1 on the training questions, and EM/F1 of the cached greedy
+    answers to the first `qa_questions` dev questions, before training as well as after
+    (so it answers whatever `qa` says)."""
+
+    settings: EvalConfig
+    train: Sequence[Example]
+    answers: AnswerCache
+    qa_questions: int
+
+    def __call__(self, pipeline: Any, examples: Sequence[Example], *, qa: bool) -> dict:
+        metrics = measure(
+            pipeline,
+            examples,
+            self.settings,
+            qa=self.qa_questions > 0,
+            answer=self.answers.answers,
+            qa_questions=self.qa_questions,
+        )
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("mrr@")}
+        fitted = measure(pipeline, self.train, self.settings.model_copy(update={"recall_at": [1]}))
+        if "recall@1" in fitted:  # absent when no training question has gold ids
+            metrics["train recall@1"] = fitted["recall@1"]
+        return metrics
 
 
 @dataclass
@@ -131,50 +146,26 @@ class DemoRun:
     answers: AnswerCache
     qa_questions: int
 
-    def measure(self, pipeline, corpus, train, dev, settings: EvalConfig) -> dict[str, float]:
-        """The prior's recall@k on `dev`, its recall@1 on the training questions, and EM/F1
-        on the first `qa_questions` of `dev`."""
-        from latentrag.evaluation.measure import evaluate_retrieval
-
-        metrics = evaluate_retrieval(pipeline, corpus, dev, ks=settings.recall_at)
-        metrics = {k: v for k, v in metrics.items() if k.startswith("recall@")}
-        fitted = evaluate_retrieval(pipeline, corpus, train, ks=[1])["recall@1"]
-        metrics["train recall@1"] = fitted
-        if pipeline.generator is not None and self.qa_questions > 0:
-            qa_dev = dev[: self.qa_questions]
-            metrics |= qa_metrics(
-                pipeline, qa_dev, self.answers, settings.passages, settings.max_new_tokens
-            )
-        return metrics
-
     def train(
         self, resolved: ResolvedConfig, config_path: Path, out_dir: Path, resume: bool = False
     ) -> dict[str, float]:
-        """Like `core.runs.train_run`, plus EM/F1 before training, the caches and timings."""
-        from latentrag.core.pipeline import Pipeline
-        from latentrag.data.dataset import load_dataset
-        from latentrag.training.loop import Trainer
+        """`train_run` with the demo's measurement and caches; the result also has the
+        training time and the generator pairs this run scored."""
 
-        settings = resolved.pipeline
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_dir / "config.toml", dumps(resolved.to_dict()).encode("utf-8"))
-        dataset = load_dataset(settings.data, base=config_path.parent)
-        pipeline = Pipeline.from_config(resolved, dataset.corpus)
-        train = dataset.split("train", settings.data.max_train)
-        dev = dataset.split("dev", settings.data.max_eval)
+        def measure_for(data: RunData) -> DemoMeasure:
+            settings = resolved.pipeline.eval
+            return DemoMeasure(settings, data.train, self.answers, self.qa_questions)
 
-        before = self.measure(pipeline, dataset.corpus, train, dev, settings.eval)
-        start, scored = time.perf_counter(), self.logliks.misses
-        Trainer(pipeline, resolved, train, None, out_dir).train(resume=resume)
-        train_seconds = time.perf_counter() - start
-        after = self.measure(pipeline, dataset.corpus, train, dev, settings.eval)
+        result = train_run(
+            resolved,
+            config_path,
+            out_dir,
+            resume,
+            measure=measure_for,
+            loglik_cache=self.logliks,
+            timed=True,
+        )
         self.save()
-
-        result = {**after, **{f"{k} (before)": v for k, v in before.items()}}
-        result["train time (s)"] = round(train_seconds, 1)
-        result["pairs scored"] = self.logliks.misses - scored
-        text = json.dumps(result, indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(out_dir / EVAL_FILE, text.encode("utf-8"))
         return result
 
     def save(self) -> None:
@@ -275,12 +266,14 @@ def run_demo(
     wall, cpu = time.perf_counter(), time.process_time()
     echo(f"latentrag demo: {', '.join(estimators)} on {config.name}, results in {out_dir}/")
 
+    grid = [f"estimator.name={','.join(estimators)}"]
+    # the runs' data is checked before the sweep claims the folder: a bad demo writes nothing
+    cells = resolve_cells(config, expand_grid(grid, 1), overrides)
+    load_run_data(cells[0], config)
     run = DemoRun(
         LoglikCache(out_dir / LOGLIK_FILE), AnswerCache(out_dir / ANSWER_FILE), qa_questions
     )
-    grid = [f"estimator.name={','.join(estimators)}"]
-    with use_cache(run.logliks):
-        results = run_sweep(config, grid, 1, out_dir, overrides, train_fn=run.train)
+    results = run_sweep(config, grid, 1, out_dir, overrides, train_fn=run.train)
     report = write_report(out_dir)
     conclusion = verdict(report.rows)
 

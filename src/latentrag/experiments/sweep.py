@@ -49,12 +49,11 @@ from latentrag.core.config import (
 from latentrag.core.errors import ConfigError, LatentragError
 from latentrag.core.registry import Registry, default_registry
 from latentrag.io.atomic import atomic_write_bytes
+from latentrag.training.run_folder import EVAL_FILE, METRICS_FILE
 
 SWEEP_FILE = "sweep.json"
 CELL_FILE = "cell.json"
-EVAL_FILE = "eval.json"  # same name as runs.EVAL_FILE (not imported: runs pulls in torch)
 ERROR_FILE = "error.txt"
-METRICS_FILE = "metrics.jsonl"
 SEED_KEY = "train.seed"
 MAX_PART_LENGTH = 40
 MAX_NAME_LENGTH = 180

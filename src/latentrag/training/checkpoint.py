@@ -36,12 +36,12 @@ from torch import Tensor
 
 from latentrag.core.errors import LatentragError
 from latentrag.io.atomic import atomic_write_bytes, fsync_dir
+from latentrag.training.run_folder import CHECKPOINT_PREFIX as PREFIX
+from latentrag.training.run_folder import LATEST_FILE as LATEST
 
 KEEP_LAST = 2
-PREFIX = "ckpt-"
 MANIFEST = "manifest.json"
 STATE = "state.json"
-LATEST = "latest"
 FORMAT = 1
 _FINISHED = re.compile(rf"^{PREFIX}(\d+)$")
 _LEFTOVER = re.compile(rf"^{PREFIX}\d+\.(tmp|old)$")

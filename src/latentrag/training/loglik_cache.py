@@ -1,9 +1,10 @@
-"""Remembered log p(y|x,h) of a frozen generator, shared by every pipeline of a process.
+"""Remembered log p(y|x,h) of a frozen generator, shared by the pipelines given it.
 
 A generator without trainable modules (e.g. `freeze = true`) gives the same log-likelihood
 for the same question, answer and passage at every step, in every run: scoring it once is
-enough. `Pipeline.rows_loglik` consults the active cache (`use_cache`) for such generators
-only; a trainable generator is always scored afresh.
+enough. A pipeline built with ``loglik_cache=LoglikCache(...)`` consults it in
+`Pipeline.rows_loglik` (the cache is passed explicitly: whoever owns it, the demo or a run,
+hands it to the pipelines that share it); a trainable generator is always scored afresh.
 
 Entries are keyed by a digest of (generator identity, question, target, passage text,
 reduce). The identity is the generator's class and its full config: a frozen generator's
@@ -15,24 +16,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from latentrag.core.errors import LatentragError
-from latentrag.data.readers import atomic_write_bytes
+from latentrag.core.pipeline import ScoreFn
+from latentrag.io.atomic import atomic_write_bytes
 
 FORMAT_VERSION = 1
 
-#: score(queries, passages [n][1], targets) -> log-likelihoods [n] of the pairs not cached
-ScoreFn = Callable[[list[str], list[list[str]], list[str]], Tensor]
-
 
 class LoglikCache:
-    """digest -> (value, dtype name); `hits` and `misses` count looked-up pairs."""
+    """digest -> (value, dtype name); `hits` and `misses` count looked-up pairs. A
+    `core.pipeline.ScoreCache`."""
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
@@ -48,15 +48,19 @@ class LoglikCache:
 
     def loglik(
         self,
-        identity: str,
+        generator: Any,
         queries: Sequence[str],
         passages: Sequence[str],
         targets: Sequence[str],
         reduce: str,
         score: ScoreFn,
     ) -> Tensor:
-        """Log-likelihoods [n] of the n (query, passage, target) triples; `score` is called
-        once, on the triples not cached yet (not at all when every one is)."""
+        """Log-likelihoods [n] of the n (query, passage, target) triples. For a frozen
+        generator (see `generator_identity`) `score` is called once, on the triples not
+        cached yet (not at all when every one is); any other is scored on every triple."""
+        identity = generator_identity(generator)
+        if identity is None:
+            return score(list(queries), [[p] for p in passages], list(targets))
         digests = [
             _digest(identity, q, t, p, reduce) for q, p, t in zip(queries, passages, targets)
         ]
@@ -117,22 +121,3 @@ def generator_identity(generator: object) -> str | None:
     cls = type(generator)
     settings = json.dumps(dump(mode="json"), sort_keys=True)
     return f"{cls.__module__}.{cls.__qualname__}:{settings}"
-
-
-_active: LoglikCache | None = None
-
-
-def active_cache() -> LoglikCache | None:
-    """The cache `use_cache` installed, or None."""
-    return _active
-
-
-@contextmanager
-def use_cache(cache: LoglikCache | None) -> Iterator[LoglikCache | None]:
-    """Make `cache` the one every pipeline consults inside the block (None: no caching)."""
-    global _active
-    previous, _active = _active, cache
-    try:
-        yield cache
-    finally:
-        _active = previous
