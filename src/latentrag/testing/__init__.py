@@ -21,6 +21,8 @@ _LAZY = {
     "check_retriever": "latentrag.testing.checks",
     "ConformanceError": "latentrag.testing.checks",
     "toy_pipeline": "latentrag.testing.checks",
+    "PaddedModel": "latentrag.testing.checks",
+    "TableReranker": "latentrag.testing.checks",
     "tiny_llama": "latentrag.toy.tiny_models",
     "tiny_gpt2": "latentrag.toy.tiny_models",
     "tiny_tokenizer": "latentrag.toy.tiny_models",
