@@ -250,29 +250,65 @@ def train(config_file: str, out_dir: str, resume: bool, overrides: tuple[str, ..
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.option(
     "--estimators",
-    default="topk,topk-token,vrag,jsa",
-    show_default=True,
-    help="Comma-separated estimator names to compare.",
+    default=None,
+    help="Comma-separated labels ([estimators.<label>]) or registry names to compare "
+    "(default: the config's [gradcheck] estimators, else topk,topk-token,vrag,jsa).",
 )
-@click.option("--seeds", type=int, default=16, show_default=True)
-@click.option("--examples", type=int, default=4, show_default=True)
+@click.option("--seeds", type=int, default=None, help="Seeds per estimator [config: 16].")
+@click.option("--examples", type=int, default=None, help="Questions in the batch.")
+@click.option("--burn-in", type=int, default=None, help="Update-free steps before measuring.")
+@click.option(
+    "--sweep",
+    default=None,
+    metavar="KEY=V1,V2",
+    help="Measure at each value of a benchmark key (proposal, prior_gold...), an estimator "
+    "key (k, temperature, samples, candidates, chain...) or burn_in.",
+)
+@click.option("--train", "train_steps", type=int, default=0, help="Measure along N train steps.")
+@click.option("--snapshots", type=int, default=3, show_default=True, help="States with --train.")
+@click.option("--train-estimator", default=None, help="Estimator that trains (with --train).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write bias² and variance against passes per example (PNG).",
+)
 @set_option
 def gradcheck(
-    config_file: str, estimators: str, seeds: int, examples: int, overrides: tuple[str, ...]
+    config_file: str,
+    estimators: str | None,
+    seeds: int | None,
+    examples: int | None,
+    burn_in: int | None,
+    sweep: str | None,
+    train_steps: int,
+    snapshots: int,
+    train_estimator: str | None,
+    as_json: bool,
+    plot_path: str | None,
+    overrides: tuple[str, ...],
 ) -> None:
-    """Compare each estimator's gradient with the exact one on a tractable corpus."""
-    from latentrag.experiments.gradcheck import format_table, run_gradcheck
+    """Compare each estimator's gradient with the exact one, block by block, on a corpus
+    small enough to sum over (a [benchmark] config, or a pipeline config and its data)."""
+    import json
 
-    resolved, dataset, _ = _setup(config_file, overrides)
-    rows = run_gradcheck(
-        resolved,
-        [name.strip() for name in estimators.split(",") if name.strip()],
-        seeds=seeds,
-        corpus=dataset.corpus,
-        examples=dataset.split("train", examples),
-    )
-    click.echo(format_table(rows))
+    from latentrag.experiments import gradcheck_report as report
+    from latentrag.experiments.gradcheck import Sweep, Training, load_setup, run_gradcheck
 
+    setup = load_setup(config_file, overrides)
+    setup.override(seeds=seeds, examples=examples, burn_in=burn_in)
+    names = [n.strip() for n in estimators.split(",") if n.strip()] if estimators else None
+    training = Training(train_steps, snapshots, train_estimator) if train_steps else None
+    results = run_gradcheck(setup, names, Sweep.parse(sweep) if sweep else None, training)
+    if as_json:
+        click.echo(json.dumps(report.to_json(results, setup.settings.seeds), indent=2))
+    else:
+        click.echo(report.format_results(results))
+    if plot_path:
+        report.plot(results, plot_path)
+        click.echo(f"plot: {plot_path}", err=as_json)
 
 
 # -- ablations ----------------------------------------------------------------------------
