@@ -30,6 +30,7 @@ class Emdr2Config(StrictModel):
 
 class Emdr2Estimator(Estimator):
     trains = ("retriever", "generator")
+    exact = False  # the retriever is fit to stop-gradient likelihoods: biased by design
 
     def __init__(self, config: Emdr2Config) -> None:
         self.config = config
