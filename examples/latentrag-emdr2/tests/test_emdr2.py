@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 from latentrag_emdr2 import Emdr2Config, Emdr2Estimator
 
@@ -63,10 +61,6 @@ def test_listed_by_latentrag_components():
     assert line.startswith("estimator") and "emdr2" in line.split()[2]
 
 
-@pytest.mark.skipif(
-    not Path(__file__).parents[3].joinpath("src/latentrag/core/sweep.py").exists(),
-    reason="needs the sweep command",
-)
 def test_sweep_grid_includes_it_beside_builtin_estimators(tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text(
