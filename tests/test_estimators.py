@@ -294,9 +294,30 @@ def test_bow_is_seeded_shared_and_refuses_k_beyond_the_corpus():
 
 def test_builtin_estimators_and_bow_are_registered_with_defaults():
     registry = default_registry()
-    defaults = {"topk": "prior", "topk-token": "prior", "vrag": "posterior", "jsa": "union"}
-    for name, candidates in defaults.items():
+    defaults = {
+        "topk": ("prior", 8),
+        "topk-token": ("prior", 8),
+        "vrag": ("posterior", 8),
+        "jsa": ("union", 32),  # JSA's pool: its bias falls with k (docs/estimators.md)
+    }
+    for name, (candidates, k) in defaults.items():
         estimator = registry.get("estimator", name).build()
         assert estimator.config.candidates == candidates
-        assert estimator.config.temperature == 0.1 and estimator.config.k == 8
-    assert isinstance(registry.get("retriever", "bow").build(), BowRetriever)
+        assert estimator.config.temperature == 0.1 and estimator.config.k == k
+
+
+def test_a_default_pool_larger_than_the_corpus_is_the_corpus(tmp_path):
+    from click.testing import CliRunner
+
+    from latentrag.cli import main
+
+    pipeline, b = table_pipeline(), batch(2)
+    assert pipeline.candidates(b, "prior", 100).indices.shape == (2, len(pipeline.corpus))
+    config = tmp_path / "jsa.toml"
+    base = '[data]\nsource = "toy"\n[retriever]\nname = "bow"\n[posterior]\nname = "bow"\n'
+    base += '[generator]\nname = "hf-causal-lm"\nmodel = "tiny-llama"\n'
+    config.write_text(base + '[estimator]\nname = "jsa"\n')  # default k = 32 > 12 passages
+    assert CliRunner().invoke(main, ["config", "validate", str(config)]).exit_code == 0
+    config.write_text(base + '[estimator]\nname = "jsa"\nk = 30\n')  # chosen: an error
+    result = CliRunner().invoke(main, ["config", "validate", str(config)])
+    assert result.exit_code == 2 and "estimator.k: 30 is larger than the corpus" in result.output

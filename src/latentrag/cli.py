@@ -142,6 +142,8 @@ def _check_estimator_k(resolved, config_file: str) -> None:
     k = getattr(component[1], "k", None) if component else None
     if not isinstance(k, int) or getattr(component[1], "candidates", None) == "corpus":
         return
+    if "k" not in component[1].model_fields_set:  # a default k is clipped to the corpus
+        return
     size = _corpus_size(resolved.pipeline.data, Path(config_file).parent)
     if size is not None and k > size:
         raise ConfigError(

@@ -162,6 +162,7 @@ class Pipeline:
 
     @torch.no_grad()
     def candidates(self, batch: Batch, source: str, k: int) -> Candidates:
+        k = min(k, len(self.corpus))  # a pool larger than the corpus is the corpus
         if source == "prior":
             return self.retriever.retrieve(batch.questions, k)
         if source == "posterior":

@@ -127,9 +127,11 @@ class Trainer:
     def _check_k(self) -> None:
         """An estimator asking for more candidates than the corpus has fails at step 1 deep
         in a retriever; say so now, naming the key."""
-        k = getattr(getattr(self.estimator, "config", None), "k", None)
+        config = getattr(self.estimator, "config", None)
+        k = getattr(config, "k", None)
         size = len(self.pipeline.corpus)
-        if isinstance(k, int) and k > size:
+        chosen = "k" in getattr(config, "model_fields_set", {"k"})  # a default k is clipped
+        if isinstance(k, int) and k > size and chosen:
             raise ConfigError(
                 f"{self.config.source}: estimator.k: {k} is larger than the corpus "
                 f"({size} passages)"
