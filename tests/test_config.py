@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import tomllib
+
+import pytest
 
 from latentrag.core.config import apply_overrides, load_config, parse_override, resolve
 from latentrag.core.errors import ConfigError

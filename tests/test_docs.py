@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from latentrag.core.config import resolve
 from latentrag.core.registry import Registry

@@ -95,9 +95,9 @@ def invoke(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
-def assert_one_line_error(returncode: int, stderr: str, *fragments: str) -> str:
+def assert_one_line_error(returncode: int, stderr: str, *fragments: str, code: int = 2) -> str:
     assert "Traceback" not in stderr, stderr
-    assert returncode == 2, stderr
+    assert returncode == code, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     assert lines[0].startswith("error: ")
@@ -106,11 +106,11 @@ def assert_one_line_error(returncode: int, stderr: str, *fragments: str) -> str:
     return lines[0]
 
 
-def assert_cli_error(result, *fragments: str) -> str:
+def assert_cli_error(result, *fragments: str, code: int = 2) -> str:
     assert not isinstance(result.exception, Exception) or isinstance(
         result.exception, SystemExit
     ), result.exception
-    return assert_one_line_error(result.exit_code, result.stderr, *fragments)
+    return assert_one_line_error(result.exit_code, result.stderr, *fragments, code=code)
 
 
 def hashes(folder: Path) -> dict[str, str]:
@@ -409,7 +409,10 @@ def test_nonfinite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(data_d
         "--set", "train.steps=6", "--set", "train.checkpoint_every=1",
     )  # fmt: skip
     line = assert_one_line_error(
-        result.returncode, result.stderr, "step 2: non-finite loss (nan); training stopped"
+        result.returncode,
+        result.stderr,
+        "step 2: non-finite loss (nan); training stopped",
+        code=1,  # a runtime failure, not bad input
     )
     assert line.endswith(f"(last checkpoint: {out}/ckpt-1)")
     assert read_checkpoint(out / "ckpt-1").step == 1  # it verifies
@@ -437,6 +440,7 @@ def test_resume_with_a_checkpoint_of_another_run(data_dir):
     assert_cli_error(
         result,
         f"{out}/ckpt-2 does not fit this run: it was trained on 12 examples, this run has 6",
+        code=1,  # TrainingError
     )
     assert hashes(out / "ckpt-2") == written
 

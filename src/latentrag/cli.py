@@ -2,20 +2,29 @@
 
 Heavy modules (torch, transformers, faiss) are imported inside the commands that need
 them, so `latentrag --help`, `components` and `config validate` start fast.
-Errors a user can fix print one line per problem and exit with status 2.
+
+Exit status: 0 ok; 1 a runtime failure (`TrainingError`: a non-finite loss, a checkpoint
+that does not fit; a sweep cell or demo run that failed); 2 bad input (a config, data file
+or option a user can fix: `LatentragError`, click's usage errors). Errors print one line
+per problem on stderr. With `--json` a command prints exactly one JSON document on stdout;
+tables, progress bars and warnings go elsewhere (stderr) or nowhere.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import click
 
 from latentrag import __version__
 from latentrag.core.errors import LatentragError
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 set_option = click.option(
@@ -26,9 +35,26 @@ set_option = click.option(
     help="Override a config value, e.g. --set estimator.samples=4 (repeatable).",
 )
 
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead."
+)
+
+
+def _echo_json(document: Any) -> None:
+    """One JSON document on stdout (paths and other objects as strings)."""
+    click.echo(json.dumps(document, indent=2, default=str))
+
+
+def _exit_code(exc: LatentragError) -> int:
+    """1 when the input was fine but the work failed (training), else 2 (bad input)."""
+    from latentrag.training.errors import TrainingError  # light: no torch
+
+    return EXIT_FAILURE if isinstance(exc, TrainingError) else EXIT_USAGE
+
 
 class LatentragGroup(click.Group):
-    """A click group that turns user errors into one line per problem and exit code 2."""
+    """A click group that turns latentrag's errors into one line per problem on stderr and
+    exit code 1 (runtime failure) or 2 (bad input)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -36,7 +62,7 @@ class LatentragGroup(click.Group):
         except LatentragError as exc:
             for line in str(exc).splitlines():
                 click.echo(f"error: {line}", err=True)
-            sys.exit(EXIT_USAGE)
+            sys.exit(_exit_code(exc))
         except FileNotFoundError as exc:
             click.echo(f"error: {exc.filename}: no such file", err=True)
             sys.exit(EXIT_USAGE)
@@ -46,11 +72,20 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
-@click.group(cls=LatentragGroup)
+@click.group(cls=LatentragGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="latentrag")
 def main() -> None:
-    """latentrag: retrieval-augmented generation with the passage as a latent variable."""
+    """latentrag: retrieval-augmented generation with the passage as a latent variable.
+
+    Exit status: 0 ok, 1 a run failed, 2 bad input. Shell completion (bash; zsh_source
+    and fish_source for the other shells):
+
+    \b
+        eval "$(_LATENTRAG_COMPLETE=bash_source latentrag)"
+    """
     warnings.formatwarning = _one_line_warning
+    # transformers' "Loading weights" bars, one per model load, would bury ours
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _load(config_file: str, overrides: tuple[str, ...]):
@@ -63,7 +98,8 @@ def _load(config_file: str, overrides: tuple[str, ...]):
 
 
 @main.command()
-def components() -> None:
+@json_option
+def components(as_json: bool) -> None:
     """List every available component: kind, name, plugin, description."""
     from latentrag.core.registry import catalogue
     from latentrag.experiments.tables import format_table
@@ -73,25 +109,44 @@ def components() -> None:
         {"kind": s.kind, "name": s.name, "plugin": s.plugin, "description": s.description}
         for s in specs
     ]
-    click.echo(format_table(rows, markdown=False))
+    if as_json:
+        _echo_json(rows)
+    else:
+        click.echo(format_table(rows, markdown=False))
     for info in broken:
         click.echo(f"warning: plugin {info.name!r} failed to load: {info.error}", err=True)
 
 
 @main.command()
-def plugins() -> None:
+@json_option
+def plugins(as_json: bool) -> None:
     """List loaded plugins with their version, components, and load errors."""
     from latentrag.core.registry import default_registry
     from latentrag.experiments.tables import format_table
 
+    infos = default_registry().plugins()
+    if as_json:
+        _echo_json([_plugin_json(info) for info in infos])
+        return
     rows = []
-    for info in default_registry().plugins():
+    for info in infos:
         names = ", ".join(f"{kind}:{name}" for kind, name in info.components)
         status = f"FAILED: {info.error}" if info.error else names
         rows.append(
             {"plugin": info.name, "source": info.source, "version": info.version, "": status}
         )
     click.echo(format_table(rows, markdown=False))
+
+
+def _plugin_json(info) -> dict[str, Any]:
+    components = [{"kind": kind, "name": name} for kind, name in info.components]
+    return {
+        "plugin": info.name,
+        "source": info.source,
+        "version": info.version,
+        "components": components,
+        "error": info.error or None,
+    }
 
 
 # -- configs --------------------------------------------------------------------------
@@ -154,11 +209,16 @@ def _check_estimator_k(resolved, config_file: str) -> None:
 @config.command("show")
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @set_option
-def config_show(config_file: str, overrides: tuple[str, ...]) -> None:
-    """Print the resolved config with every default filled in, as TOML."""
+@json_option
+def config_show(config_file: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Print the resolved config with every default filled in, as TOML (or JSON)."""
     from latentrag.io.toml_writer import dumps
 
-    click.echo(dumps(_load(config_file, overrides).to_dict()), nl=False)
+    data = _load(config_file, overrides).to_dict()
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo(dumps(data), nl=False)
 
 
 
@@ -209,8 +269,14 @@ def index_build(config_file: str, overrides: tuple[str, ...]) -> None:
 @click.option("--qa", is_flag=True, help="Also generate answers and report EM/F1.")
 @click.option("--limit", type=int, default=None, help="Use only the first N questions.")
 @set_option
+@json_option
 def evaluate(
-    config_file: str, split: str, qa: bool, limit: int | None, overrides: tuple[str, ...]
+    config_file: str,
+    split: str,
+    qa: bool,
+    limit: int | None,
+    overrides: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Recall@k and MRR@10 of the retriever against gold passages (EM/F1 with --qa)."""
     from latentrag.evaluation.measure import measure
@@ -230,7 +296,10 @@ def evaluate(
     names = [resolved.components[r][0].name for r in roles]
     row = {"retrieval": " > ".join(names), "split": split}
     row.update({"questions": len(examples), **metrics})
-    click.echo(format_table([row]))
+    if as_json:
+        _echo_json(row)
+    else:
+        click.echo(format_table([row]))
 
 
 @main.command()
@@ -328,6 +397,7 @@ def gradcheck(
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--shard", default=None, metavar="I/N", help="Run only shard I of N (0-based).")
 @set_option
+@json_option
 def sweep(
     config_file: str,
     grid: tuple[str, ...],
@@ -335,8 +405,10 @@ def sweep(
     out_dir: str,
     shard: str | None,
     overrides: tuple[str, ...],
+    as_json: bool,
 ) -> None:
-    """Run a grid of training runs (finished cells are skipped), then print the report."""
+    """Run a grid of training runs (finished cells are skipped), then print the report.
+    Exits with status 1, naming them, when any cell failed."""
     from latentrag.experiments.report import write_report
     from latentrag.experiments.sweep import parse_shard, run_sweep
 
@@ -350,25 +422,51 @@ def sweep(
     )
     failed = [r for r in results if r.status == "failed"]
     report = write_report(Path(out_dir))
-    click.echo(report.markdown)
-    click.echo(f"results: {report.csv_path}")
-    for plot in report.plots:
-        click.echo(f"plot: {plot}")
+    if as_json:
+        cells = [
+            {"name": r.name, "status": r.status, "error": r.error or None, "seconds": r.seconds}
+            for r in results
+        ]
+        _echo_json({"cells": cells, "report": _report_json(report)})
+    else:
+        _echo_report(report)
     for r in failed:
         click.echo(f"failed: {r.name}: {r.error}", err=True)
+    if failed:
+        click.echo(f"error: {len(failed)} of {len(results)} runs failed", err=True)
+        sys.exit(EXIT_FAILURE)
 
 
 @main.command()
 @click.argument("sweep_dir", type=click.Path(file_okay=False, exists=True))
-def report(sweep_dir: str) -> None:
+@json_option
+def report(sweep_dir: str, as_json: bool) -> None:
     """Collect a sweep folder (shards merged) into results.csv, a table and plots."""
     from latentrag.experiments.report import write_report
 
     result = write_report(Path(sweep_dir))
+    if as_json:
+        _echo_json(_report_json(result))
+    else:
+        _echo_report(result)
+
+
+def _echo_report(result) -> None:
     click.echo(result.markdown)
     click.echo(f"results: {result.csv_path}")
     for plot in result.plots:
         click.echo(f"plot: {plot}")
+
+
+def _report_json(result) -> dict[str, Any]:
+    """A sweep report as JSON: one row per run (assignment, seed, status, metrics, error)
+    and the files written."""
+    return {
+        "runs": result.rows,
+        "csv": str(result.csv_path),
+        "markdown": str(result.markdown_path),
+        "plots": [str(plot) for plot in result.plots],
+    }
 
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,

@@ -12,6 +12,7 @@ import difflib
 import importlib
 import importlib.metadata
 import inspect
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +21,6 @@ from importlib import resources
 from typing import Any
 
 import pluggy
-import tomllib
 from pydantic import BaseModel
 
 from latentrag.core import hookspecs

@@ -1,6 +1,6 @@
 """The embedded demo (`make demo`, `latentrag demo`): estimators compared on the SQuAD slice.
 
-A sweep of `examples/demo.toml` over the estimators (top-K, VRAG, JSA), one seed each, with
+A sweep of the demo config over the estimators (top-K, VRAG, JSA), one seed each, with
 the packaged models: a MiniLM bi-encoder prior (its query encoder learns; passages are
 encoded once), a second MiniLM reading "question answer" as the posterior, and a frozen
 SmolLM2-135M generator. A frozen generator's outputs never change, so its log-likelihoods
@@ -9,6 +9,10 @@ SmolLM2-135M generator. A frozen generator's outputs never change, so its log-li
 retriever steps only. Each run is a `runs.train_run` with the demo's measurement: the
 prior's recall@k and the answers' EM/F1 before and after training; the demo prints the
 sweep's table, the plot paths and a verdict computed from those numbers.
+
+The demo config ships inside the package (`latentrag/experiments/demo.toml`, read through
+importlib.resources, so an installed wheel finds it); `examples/demo.toml` is the same file
+for readers of the source tree (tests/test_packaging.py keeps them identical).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +40,11 @@ from latentrag.experiments.runs import RunData, load_run_data, train_run
 from latentrag.experiments.sweep import expand_grid, resolve_cells, run_sweep
 from latentrag.experiments.tables import format_table
 from latentrag.io.atomic import atomic_write_bytes
+from latentrag.training.errors import TrainingError
 from latentrag.training.loglik_cache import LoglikCache, generator_identity
 
-DEMO_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "demo.toml"
+#: the packaged demo config (a plain file: the package is installed as a folder, not a zip)
+DEMO_CONFIG = Path(str(resources.files("latentrag.experiments").joinpath("demo.toml")))
 DEMO_ESTIMATORS = ("topk", "vrag", "jsa")
 LOGLIK_FILE = "logliks.json"
 ANSWER_FILE = "answers.json"
@@ -241,6 +248,17 @@ class DemoResult:
     rows: list[dict] = field(default_factory=list)
 
 
+def quiet_model_loading() -> None:
+    """Turn off transformers' own progress bars ("Loading weights", one per model load, a
+    dozen in a demo); latentrag's bars (sweep, answering, encoding) are plain tqdm and stay.
+    HF_HUB_DISABLE_PROGRESS_BARS=0 keeps them."""
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "0":
+        return
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -254,14 +272,15 @@ def run_demo(
     qa_questions: int = 32,
     echo: Echo | None = None,
 ) -> DemoResult:
-    """Sweep the estimators of `config` (default examples/demo.toml) into `out_dir`, print
+    """Sweep the estimators of `config` (default: the packaged demo.toml) into `out_dir`, print
     the report and the verdict, and return them. Finished runs are kept and skipped."""
     echo = echo or partial(print, flush=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_model_loading()
     config = Path(config) if config is not None else DEMO_CONFIG
     if not config.is_file():
-        raise LatentragError(f"{config}: demo config not found (run from a source checkout)")
+        raise LatentragError(f"{config}: demo config not found")
     out_dir = Path(out_dir)
     wall, cpu = time.perf_counter(), time.process_time()
     echo(f"latentrag demo: {', '.join(estimators)} on {config.name}, results in {out_dir}/")
@@ -295,5 +314,5 @@ def run_demo(
     failed = [r for r in results if r.status == "failed"]
     if failed:
         names = ", ".join(r.name for r in failed)
-        raise LatentragError(f"demo: {len(failed)} run(s) failed ({names}); see their error.txt")
+        raise TrainingError(f"demo: {len(failed)} run(s) failed ({names}); see their error.txt")
     return DemoResult(report.markdown, conclusion, report.plots, report.rows)

@@ -96,7 +96,8 @@ def train_run(
     if not is_main():
         trainer.train(resume=resume)
         return {}
-    write_run_config(out_dir, resolved)  # every check passed: a bad run writes nothing
+    # every check passed: a bad run writes nothing
+    write_run_config(out_dir, resolved, config_path.parent)
 
     before = trainer.evaluate(qa=False) if data.dev else {}
     scored = loglik_cache.misses if loglik_cache is not None else 0
@@ -113,10 +114,28 @@ def train_run(
     return result
 
 
-def write_run_config(out_dir: Path, resolved: ResolvedConfig) -> None:
-    """The run folder with its config.toml (the resolved config, every default filled in)."""
+def write_run_config(out_dir: Path, resolved: ResolvedConfig, base: Path | None = None) -> None:
+    """The run folder with its config.toml (the resolved config, every default filled in).
+
+    Relative data paths were read from `base` (the config's folder); they are written
+    absolute, so the saved config re-runs as it is from any working directory."""
+    data = resolved.to_dict()
+    if base is not None:
+        data["data"] = absolute_data_paths(data.get("data", {}), base)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_dir / CONFIG_FILE, dumps(resolved.to_dict()).encode("utf-8"))
+        atomic_write_bytes(out_dir / CONFIG_FILE, dumps(data).encode("utf-8"))
     except OSError as exc:
         raise LatentragError(f"{out_dir}: cannot write the run folder ({exc.strerror})") from None
+
+
+def absolute_data_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A [data] table with its file paths (path, corpus, train, dev, test) made absolute
+    from `base`, the way `load_dataset` reads them."""
+    paths = {}
+    for key in ("path", "corpus", "train", "dev", "test"):
+        value = data.get(key)
+        if isinstance(value, str):
+            path = Path(value).expanduser()
+            paths[key] = str(path if path.is_absolute() else (base / path).resolve())
+    return {**data, **paths}
