@@ -19,7 +19,8 @@ encodings at once, with log m_k added through a float cross-attention mask.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,28 +100,49 @@ def _passage_tokens(tokenizer, text: str, prompt: JointPrompt) -> list[int]:
     return ids
 
 
+@dataclass(frozen=True)
+class ExamplePieces:
+    """One example's tokens, each piece tokenized on its own: the K passages (each with its
+    start-of-text tokens), the question part of the prompt and the answer (EOS included)."""
+
+    passages: list[list[int]]
+    question: list[int]
+    answer: list[int]
+
+
+def example_pieces(
+    tokenizer, query: str, passages: Sequence[str], target: str, prompt: JointPrompt
+) -> ExamplePieces:
+    """The token pieces of one example (what both the joint layout and a passage-state
+    cache read, so that they see the same tokens)."""
+    answer = _tokens(tokenizer, prompt.answer.format(answer=target))
+    if prompt.answer_eos and tokenizer.eos_token_id is not None:
+        answer.append(tokenizer.eos_token_id)
+    return ExamplePieces(
+        passages=[_passage_tokens(tokenizer, text, prompt) for text in passages],
+        question=_tokens(tokenizer, prompt.question.format(question=query)),
+        answer=answer,
+    )
+
+
 def _example_layout(
     tokenizer, query: str, passages: Sequence[str], target: str, prompt: JointPrompt
 ) -> tuple[list[int], list[int], list[int], list[bool]]:
     """Token ids, positions, segments and answer flags of one example (unpadded)."""
+    pieces = example_pieces(tokenizer, query, passages, target, prompt)
     ids: list[int] = []
     positions: list[int] = []
     segments: list[int] = []
-    for k, text in enumerate(passages):
-        tokens = _passage_tokens(tokenizer, text, prompt)
+    for k, tokens in enumerate(pieces.passages):
         ids += tokens
         positions += range(len(tokens))
         segments += [k] * len(tokens)
     start = max((p + 1 for p in positions), default=0)  # the longest passage's length
-    question = _tokens(tokenizer, prompt.question.format(question=query))
-    answer = _tokens(tokenizer, prompt.answer.format(answer=target))
-    if prompt.answer_eos and tokenizer.eos_token_id is not None:
-        answer.append(tokenizer.eos_token_id)
-    tail = question + answer
+    tail = pieces.question + pieces.answer
     ids += tail
     positions += range(start, start + len(tail))
     segments += [len(passages)] * len(tail)
-    is_answer = [False] * (len(ids) - len(answer)) + [True] * len(answer)
+    is_answer = [False] * (len(ids) - len(pieces.answer)) + [True] * len(pieces.answer)
     return ids, positions, segments, is_answer
 
 
@@ -232,6 +254,233 @@ def joint_loglik(
     scored = logprobs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
     is_answer = layout.answer[:, -answer_len:]
     return torch.where(is_answer, scored, torch.zeros_like(scored)).sum(-1)
+
+
+# -- reading after precomputed passage states ------------------------------------------
+
+
+@dataclass(frozen=True)
+class PassageStates:
+    """The key/value states of one passage read alone from position 0: keys[l] and
+    values[l] [heads, P, head_dim] for each layer l. Under causal attention nothing after
+    the passage changes them, so a frozen model can reuse them for any question."""
+
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[-2])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def to(self, dtype: torch.dtype) -> PassageStates:
+        return PassageStates(
+            tuple(t.to(dtype) for t in self.keys), tuple(t.to(dtype) for t in self.values)
+        )
+
+
+#: rows of token ids -> their PassageStates (a cache, or `passage_states` itself)
+StatesFn = Callable[[list[list[int]]], list[PassageStates]]
+
+
+def _forward_parameters(model) -> set[str]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return set(inspect.signature(base.forward).parameters)
+
+
+def keeps_logits(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep`."""
+    return "logits_to_keep" in _forward_parameters(model)
+
+
+def _cache_keyword(model) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache`."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
+def _cache_layers(output) -> list[tuple[Tensor, Tensor]]:
+    cache = getattr(output, "cache", None) or output.past_key_values
+    cache = getattr(cache, "self_attention_cache", cache)  # encoder-decoder caches
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@torch.no_grad()
+def passage_states(
+    model, rows: Sequence[Sequence[int]], pad_id: int = 0, batch_size: int = 16
+) -> list[PassageStates]:
+    """The states of each non-empty row of token ids read alone from position 0, in
+    right-padded batches of similar lengths (padding after a row cannot change it)."""
+    if any(len(row) == 0 for row in rows):
+        raise ValueError("passage_states: every row needs at least one token")
+    device = _model_device(model)
+    extra = {"logits_to_keep": 1} if keeps_logits(model) else {}
+    found: list[PassageStates | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(rows[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, i in enumerate(chunk):
+            ids[j, : len(rows[i])] = torch.tensor(rows[i])
+            mask[j, : len(rows[i])] = 1
+        out = model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **extra
+        )
+        layers = _cache_layers(out)
+        for j, i in enumerate(chunk):
+            n = len(rows[i])  # clone: a slice would keep the whole batch's tensor alive
+            keys = tuple(k[j, :, :n].clone() for k, _ in layers)
+            found[i] = PassageStates(keys, tuple(v[j, :, :n].clone() for _, v in layers))
+    return found  # type: ignore[return-value]
+
+
+def _stack_past(
+    states: Sequence[Sequence[PassageStates]], dtype: torch.dtype, device: torch.device
+) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    """Per layer (keys, values) [n, heads, W, head_dim]: each row's passages one after the
+    other, left-padded to the longest row; and the key segments [n, W] (passage k, or
+    PAD_SEGMENT on padding)."""
+    lengths = [sum(s.length for s in row) for row in states]
+    width = max(lengths)
+    segments = torch.full((len(states), width), PAD_SEGMENT, dtype=torch.long)
+    for r, (row, n) in enumerate(zip(states, lengths)):
+        sizes = torch.tensor([s.length for s in row])
+        segments[r, width - n :] = torch.repeat_interleave(torch.arange(len(row)), sizes)
+    past = []
+    for layer in range(len(states[0][0].keys)):
+        pair = []
+        for field in ("keys", "values"):
+            heads, _, dim = getattr(states[0][0], field)[layer].shape
+            out = torch.zeros((len(states), heads, width, dim), dtype=dtype, device=device)
+            for r, (row, n) in enumerate(zip(states, lengths)):
+                offset = width - n
+                for s in row:
+                    out[r, :, offset : offset + s.length] = getattr(s, field)[layer]
+                    offset += s.length
+            pair.append(out)
+        past.append((pair[0], pair[1]))
+    return past, segments.to(device)
+
+
+def _tail_mask(
+    segments: Tensor, doc_log_mask: Tensor | None, tail: int, dtype: torch.dtype
+) -> Tensor:
+    """The additive mask [n,1,S,W+S] of S tail tokens over W cached passage keys then the
+    tail itself: log m_k towards passage k (0 without a mask), causal within the tail, the
+    dtype's minimum on padding and the future."""
+    device = segments.device
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+    if doc_log_mask is None:
+        bias = torch.zeros(segments.shape, dtype=dtype, device=device)
+    else:
+        last = doc_log_mask.shape[1] - 1
+        bias = doc_log_mask.to(device, dtype).gather(1, segments.clamp(0, last))
+    past = torch.where(segments >= 0, bias, blocked)[:, None, None, :]
+    causal = torch.ones(tail, tail, dtype=torch.bool, device=device).tril()
+    own = torch.where(causal, torch.zeros((), dtype=dtype, device=device), blocked)
+    batch = segments.shape[0]
+    return torch.cat(
+        [past.expand(batch, 1, tail, -1), own.expand(batch, 1, tail, tail)], dim=-1
+    )
+
+
+def pick_target_logprobs(logits: Tensor, target: Tensor, target_mask: Tensor) -> Tensor:
+    """log p of each target token [n, T] from the logits predicting it [n, T, V]; 0 on
+    padding. At least float32 (bfloat16 log-probs are too coarse); float64 is kept."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logprobs = torch.log_softmax(logits, dim=-1)
+    picked = logprobs.gather(-1, target[..., None]).squeeze(-1)
+    return picked.masked_fill(~target_mask, 0.0)
+
+
+def read_after_passages(
+    model,
+    states: Sequence[Sequence[PassageStates]],
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    doc_log_mask: Tensor | None = None,
+    pad_id: int = 0,
+) -> Tensor:
+    """log p(target token | passages, prompt, earlier target tokens) [n, T], 0 past each
+    target, for rows whose passages are given as cached states: the prompt and target
+    tokens continue from the longest passage's length (positions restart per passage, as
+    in the joint layout) and see every passage k with the bias doc_log_mask[:, k].
+
+    Only the prompt and target tokens are computed; the states are constants, so the
+    gradient reaches `doc_log_mask` (and the model's parameters through the tail)."""
+    from transformers import DynamicCache
+
+    if any(not p for p in prompts) or any(not t for t in targets):
+        raise ValueError("read_after_passages: every prompt and target needs a token")
+    device, dtype = _model_device(model), _model_dtype(model)
+    past, segments = _stack_past(states, dtype, device)
+    tails = [list(p) + list(t[:-1]) for p, t in zip(prompts, targets, strict=True)]
+    width = max(len(t) for t in tails)
+    ids = torch.full((len(tails), width), pad_id, dtype=torch.long)
+    for r, row in enumerate(tails):
+        ids[r, : len(row)] = torch.tensor(row)
+    starts = torch.tensor([max(s.length for s in row) for row in states])
+    positions = starts[:, None] + torch.arange(width)[None, :]
+    t_width = max(len(t) for t in targets)
+    target = torch.zeros((len(targets), t_width), dtype=torch.long)
+    for r, row in enumerate(targets):
+        target[r, : len(row)] = torch.tensor(row)
+    lengths = torch.tensor([len(t) for t in targets])
+    steps = torch.minimum(torch.arange(t_width)[None, :], lengths[:, None] - 1)
+    keep = torch.tensor([len(p) - 1 for p in prompts])[:, None] + steps  # [n, T]
+    mask = _tail_mask(segments, doc_log_mask, width, dtype)
+    common = dict(
+        input_ids=ids.to(device),
+        position_ids=positions.to(device),
+        attention_mask=mask,
+        use_cache=True,
+    )
+    common[_cache_keyword(model)] = DynamicCache(ddp_cache_data=past)
+    if keeps_logits(model):
+        logits = model(**common, logits_to_keep=keep.to(device)).logits
+    else:
+        logits = model(**common).logits.take_along_dim(keep.to(device)[..., None], dim=1)
+    target_mask = torch.arange(t_width)[None, :] < lengths[:, None]
+    return pick_target_logprobs(logits, target.to(device), target_mask.to(device))
+
+
+def joint_loglik_cached(
+    model,
+    tokenizer,
+    queries: Sequence[str],
+    passages: Sequence[Sequence[str]],
+    targets: Sequence[str],
+    doc_log_mask: Tensor | None = None,
+    prompt: JointPrompt = JointPrompt(),
+    states_of: StatesFn | None = None,
+) -> Tensor:
+    """`joint_loglik` with each passage's states taken from `states_of` (e.g. a cache of
+    a frozen model's; default: computed here) and only the question and answer tokens run:
+    equal to `joint_loglik` within float tolerance, in value and in gradient to
+    `doc_log_mask`. Falls back to `joint_loglik` when a question or answer has no token."""
+    counts = {len(row) for row in passages}
+    if len(counts) != 1:
+        raise ValueError(f"every query needs the same number of passages; got {sorted(counts)}")
+    pieces = [
+        example_pieces(tokenizer, q, ps, t, prompt)
+        for q, ps, t in zip(queries, passages, targets, strict=True)
+    ]
+    if any(not p.question or not p.answer or not all(p.passages) for p in pieces):
+        return joint_loglik(model, tokenizer, queries, passages, targets, doc_log_mask, prompt)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if states_of is None:
+        states_of = lambda rows: passage_states(model, rows, pad_id)  # noqa: E731
+    k = counts.pop()
+    flat = states_of([ids for p in pieces for ids in p.passages])
+    rows = [flat[b * k : (b + 1) * k] for b in range(len(pieces))]
+    logprobs = read_after_passages(
+        model, rows, [p.question for p in pieces], [p.answer for p in pieces], doc_log_mask, pad_id
+    )
+    return logprobs.sum(-1)
 
 
 # -- encoder-decoder models: Fusion-in-Decoder -----------------------------------------

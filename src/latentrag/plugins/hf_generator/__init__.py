@@ -41,6 +41,14 @@ class HFGeneratorConfig(StrictModel):
     freeze: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     seed: int = 0
+    passage_cache_mb: float = Field(
+        256.0,
+        ge=0,
+        description="memory for a frozen generator's cached passage key/value states (0: off)",
+    )
+    passage_cache_dtype: Literal["model", "bfloat16"] = Field(
+        "model", description="storage of cached states: the model's dtype (exact) or bfloat16"
+    )
     cache_dir: str | None = Field(
         None, description="SmolLM2 safetensors cache (default $LATENTRAG_CACHE/smollm2)"
     )

@@ -6,16 +6,28 @@ tokenised separately and concatenated, so the target's tokens are the same whate
 prompt: every candidate passage k of example b scores the same T target tokens, which is
 what RAG-Token needs to marginalise per token.
 
+When the template puts the passage before the question (the default), the prompt is
+tokenized in two pieces, start-of-text tokens + "...{passage}" and "{question}...", so
+that the passage's tokens never depend on the question (for SmolLM2 and the default
+template this equals tokenizing the whole prompt; see benchmarks/README.md).
+
 Scoring runs one right-padded forward per micro-batch of the flattened B*K sequences
 (sorted by length to limit padding). Logits are computed only at the positions that
 predict target tokens (`logits_to_keep` with per-row positions), so the vocabulary-sized
 tensor is [n, T, V], never [n, L, V].
+
+Frozen generator (no parameter requires grad, model in eval mode) with `passage_cache_mb`
+> 0: each passage's key/value states are computed once and kept in a memory-bounded LRU
+cache (`passage_cache.PassageCache`), for per-passage scoring and for the joint reader
+alike; only the question and answer tokens run. The cache empties itself when the weights
+change. Gradient still reaches a joint reading's document mask (the cached states are
+constants).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -25,7 +37,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from latentrag.core.errors import ConfigError
 from latentrag.core.interfaces import Generator, Reduce
 from latentrag.plugins.hf_generator import TINY_MODELS, HFGeneratorConfig, LoraSettings, smollm2
-from latentrag.plugins.joint_attention import JointPrompt, joint_loglik
+from latentrag.plugins.hf_generator.passage_cache import PassageCache
+from latentrag.plugins.joint_attention import (
+    JointPrompt,
+    PassageStates,
+    joint_loglik,
+    joint_loglik_cached,
+    passage_states,
+    pick_target_logprobs,
+    read_after_passages,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -107,6 +128,13 @@ class HFCausalLMGenerator(Generator, nn.Module):
         self.model = model
         self.train(False)  # like from_pretrained; the trainer switches `model` to training
         self._truncated: dict[str, str] = {}
+        self._pieces = _split_template(self.config.prompt_template)
+        self._prefixes: dict[str, list[int]] = {}
+        self.passage_cache: PassageCache | None = None
+        if self.config.passage_cache_mb > 0:
+            storage = torch.bfloat16 if self.config.passage_cache_dtype == "bfloat16" else None
+            budget = int(self.config.passage_cache_mb * 2**20)
+            self.passage_cache = PassageCache(budget, storage)
 
     # -- Component -------------------------------------------------------------------
 
@@ -166,6 +194,24 @@ class HFCausalLMGenerator(Generator, nn.Module):
         # the first target token must be predicted from something
         return [row or [self.tokenizer.eos_token_id] for row in ids]
 
+    def _prefix_ids(self, passages: Sequence[str]) -> list[list[int]]:
+        """Start-of-text tokens + the template up to and with the passage (cached per text)."""
+        new = [p for p in dict.fromkeys(passages) if p not in self._prefixes]
+        if new:
+            start = self.tokenizer("")["input_ids"]
+            texts = [self._pieces[0].format(passage=p) for p in self._truncate(new)]
+            encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            self._prefixes.update({p: start + ids for p, ids in zip(new, encoded)})
+        return [self._prefixes[p] for p in passages]
+
+    def _split_prompt_ids(
+        self, queries: Sequence[str], passages: Sequence[str]
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Each pair's prompt as (passage part, question part) token ids."""
+        texts = [self._pieces[1].format(question=q) for q in queries]
+        rests = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self._prefix_ids(passages), rests
+
     def _target_ids(self, targets: Sequence[str]) -> list[list[int]]:
         texts = [" " + t for t in targets]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -182,11 +228,11 @@ class HFCausalLMGenerator(Generator, nn.Module):
         if not len(queries) == len(passages) == len(targets):
             raise ValueError("queries, passages and targets must have the same length")
         k = _common_width(passages)
-        prompts = [self.prompt(q, [p]) for q, row in zip(queries, passages) for p in row]
-        prompt_ids = self._prompt_ids(prompts)
+        flat_queries = [q for q, row in zip(queries, passages) for _ in row]
+        flat_passages = [p for row in passages for p in row]
         target_ids = self._target_ids(targets)
         flat_targets = [target_ids[b] for b in range(len(queries)) for _ in range(k)]
-        logprobs = self._sequence_logprobs(prompt_ids, flat_targets)  # [B*K, T]
+        logprobs = self._pair_logprobs(flat_queries, flat_passages, flat_targets)  # [B*K, T]
         lengths = torch.tensor([len(t) for t in target_ids])
         mask = torch.arange(logprobs.shape[1]) < lengths[:, None]
         mask = mask.to(logprobs.device)
@@ -207,22 +253,80 @@ class HFCausalLMGenerator(Generator, nn.Module):
             return total / mask.sum(-1, keepdim=True)
         raise ValueError(f"reduce must be 'sum' or 'mean', not {reduce!r}")
 
+    def _pair_logprobs(
+        self, queries: list[str], passages: list[str], target_ids: list[list[int]]
+    ) -> Tensor:
+        """log p(target token | prompt of (query, passage), earlier target tokens) [n, T]."""
+        if self._pieces is None:  # question before passage: one piece, never cached
+            prompts = self._prompt_ids([self.prompt(q, [p]) for q, p in zip(queries, passages)])
+            return self._sequence_logprobs(prompts, target_ids)
+        prefixes, rests = self._split_prompt_ids(queries, passages)
+        if self.cache_active and all(rests):
+            return self._cached_logprobs(prefixes, rests, target_ids)
+        prompts = [(a + b) or [self.tokenizer.eos_token_id] for a, b in zip(prefixes, rests)]
+        return self._sequence_logprobs(prompts, target_ids)
+
     def _sequence_logprobs(
         self, prompt_ids: list[list[int]], target_ids: list[list[int]]
     ) -> Tensor:
         """log p(target token | prompt, earlier target tokens) [n, T], 0 past each target."""
-        width = max(len(t) for t in target_ids)
-        order = sorted(
-            range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(target_ids[i])
+        return self._in_batches(
+            [len(p) + len(t) for p, t in zip(prompt_ids, target_ids)],
+            max(len(t) for t in target_ids),
+            lambda rows: self._score_chunk(
+                [prompt_ids[i] for i in rows], [target_ids[i] for i in rows]
+            ),
         )
+
+    def _cached_logprobs(
+        self, prefixes: list[list[int]], rests: list[list[int]], target_ids: list[list[int]]
+    ) -> Tensor:
+        """`_sequence_logprobs` of prefix + rest, the prefixes' states from the cache."""
+        states = self._cached_states(prefixes)
+        return self._in_batches(
+            [len(a) + len(b) + len(t) for a, b, t in zip(prefixes, rests, target_ids)],
+            max(len(t) for t in target_ids),
+            lambda rows: read_after_passages(
+                self.model,
+                [[states[i]] for i in rows],
+                [rests[i] for i in rows],
+                [target_ids[i] for i in rows],
+                pad_id=self.pad_id,
+            ),
+        )
+
+    def _in_batches(
+        self, lengths: list[int], width: int, score: Callable[[list[int]], Tensor]
+    ) -> Tensor:
+        """score(rows) -> [len(rows), <=width] over batches of rows of similar lengths,
+        put back in row order and padded to `width` [n, width]."""
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
         chunks = []
         for start in range(0, len(order), self.config.batch_size):
-            rows = order[start : start + self.config.batch_size]
-            chunk = self._score_chunk([prompt_ids[i] for i in rows], [target_ids[i] for i in rows])
+            chunk = score(order[start : start + self.config.batch_size])
             chunks.append(nn.functional.pad(chunk, (0, width - chunk.shape[1])))
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return torch.cat(chunks)[inverse.to(self.device)]
+
+    # -- the passage cache ---------------------------------------------------------------
+
+    @property
+    def cache_active(self) -> bool:
+        """Whether passage states are cached now: a cache is configured, the model is in
+        eval mode (no dropout) and none of its parameters requires grad."""
+        return (
+            self.passage_cache is not None
+            and not self.model.training
+            and not any(p.requires_grad for p in self.model.parameters())
+        )
+
+    def _compute_states(self, rows: list[list[int]]) -> list[PassageStates]:
+        return passage_states(self.model, rows, self.pad_id, self.config.batch_size)
+
+    def _cached_states(self, rows: list[list[int]]) -> list[PassageStates]:
+        assert self.passage_cache is not None
+        return self.passage_cache.states(self.model, rows, self._compute_states)
 
     def _score_chunk(self, prompts: list[list[int]], targets: list[list[int]]) -> Tensor:
         """One right-padded forward; logits only where a target token is predicted."""
@@ -236,11 +340,7 @@ class HFCausalLMGenerator(Generator, nn.Module):
         positions = starts[:, None] + torch.minimum(steps[None, :], lengths[:, None] - 1)
         device = self.device
         logits = self._logits_at(ids.to(device), attention.to(device), positions.to(device))
-        # at least float32 (bfloat16 log-probs are too coarse), float64 kept for gradchecks
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        logprobs = torch.log_softmax(logits, dim=-1)
-        picked = logprobs.gather(-1, target.to(device)[..., None]).squeeze(-1)
-        return picked.masked_fill(~target_mask.bool().to(device), 0.0)
+        return pick_target_logprobs(logits, target.to(device), target_mask.bool().to(device))
 
     def _logits_at(self, ids: Tensor, attention: Tensor, positions: Tensor) -> Tensor:
         """Logits [n, T, V] at positions [n, T] of each row."""
@@ -272,6 +372,17 @@ class HFCausalLMGenerator(Generator, nn.Module):
         prompt = JointPrompt.from_template(
             self.config.prompt_template, self.config.max_passage_tokens
         )
+        if self.cache_active:
+            return joint_loglik_cached(
+                self.model,
+                self.tokenizer,
+                queries,
+                passages,
+                targets,
+                doc_log_mask,
+                prompt,
+                states_of=self._cached_states,
+            )
         return joint_loglik(
             self.model, self.tokenizer, queries, passages, targets, doc_log_mask, prompt
         )
@@ -311,6 +422,12 @@ class HFCausalLMGenerator(Generator, nn.Module):
         )
         texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         return [text.split("\n", 1)[0].strip() for text in texts]
+
+
+def _split_template(template: str) -> tuple[str, str] | None:
+    """(up to and with "{passage}", the rest) when the passage comes before the question."""
+    cut = template.find("{passage}") + len("{passage}")
+    return (template[:cut], template[cut:]) if template.find("{question}") >= cut else None
 
 
 def _common_width(passages: Sequence[Sequence[str]]) -> int:
