@@ -18,7 +18,7 @@ HOOKS = [
 
 
 def test_there_are_hooks():
-    assert HOOKS == ["register_components"]
+    assert HOOKS == ["log_record", "register_components"]
 
 
 @pytest.mark.parametrize("hook", HOOKS)

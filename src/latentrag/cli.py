@@ -264,21 +264,36 @@ def index_build(config_file: str, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("config_file", type=click.Path(dir_okay=False), required=False)
 @click.option("--split", default="dev", show_default=True, help="Which questions to use.")
 @click.option("--qa", is_flag=True, help="Also generate answers and report EM/F1.")
 @click.option("--limit", type=int, default=None, help="Use only the first N questions.")
 @set_option
 @json_option
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Evaluate a trained run folder instead of CONFIG_FILE (its config, data and last "
+    "checkpoint; answers too when it has a generator, as the run did).",
+)
 def evaluate(
-    config_file: str,
+    config_file: str | None,
     split: str,
     qa: bool,
     limit: int | None,
     overrides: tuple[str, ...],
     as_json: bool,
+    run_dir: str | None,
 ) -> None:
-    """Recall@k and MRR@10 of the retriever against gold passages (EM/F1 with --qa)."""
+    """Recall@k and MRR@10 of the retriever against gold passages (EM/F1 with --qa).
+
+    With --run RUN: the trained pipeline of a run folder, measured as the run measured it;
+    on the dev split this reproduces the metrics after training in RUN/eval.json."""
+    if run_dir is not None or config_file is None:
+        _evaluate_run(run_dir, config_file, split, limit, overrides, as_json)
+        return
     from latentrag.evaluation.measure import measure
     from latentrag.experiments.tables import format_table
 
@@ -300,6 +315,135 @@ def evaluate(
         _echo_json(row)
     else:
         click.echo(format_table([row]))
+
+
+# -- using a trained run -------------------------------------------------------------------
+
+
+def _open_run(run_dir: str):
+    """The run folder's trained pipeline, config and data (`experiments.loading`)."""
+    from latentrag.experiments.loading import open_run
+
+    return open_run(run_dir)
+
+
+def _evaluate_run(
+    run_dir: str | None,
+    config_file: str | None,
+    split: str,
+    limit: int | None,
+    overrides: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """`evaluate --run RUN`: the run's metrics now, compared with its eval.json."""
+    from latentrag.experiments.loading import evaluate_run, run_metrics_after
+    from latentrag.experiments.tables import format_table
+
+    if run_dir is None:
+        raise click.UsageError("missing CONFIG_FILE (or --run RUN)")
+    if config_file is not None or overrides:
+        raise click.UsageError("--run RUN takes no CONFIG_FILE nor --set: the run has its config")
+    run = _open_run(run_dir)
+    metrics = evaluate_run(run, split, limit)
+    row = {"run": run_dir, "step": run.step, "split": split}
+    row.update({"questions": len(run.split(split, limit)), **metrics})
+    saved = run_metrics_after(run.path) if split == "dev" and limit is None else None
+    same = None if saved is None else saved == metrics
+    if as_json:
+        _echo_json({**row, "matches_eval_json": same})
+        return
+    click.echo(format_table([row]))
+    if same is not None:
+        note = "the same as" if same else "different from"
+        click.echo(f"{note} the metrics after training in {run.path / 'eval.json'}", err=True)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("question")
+@click.option(
+    "--k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Passages to retrieve and read [default: the run's eval.passages].",
+)
+@json_option
+def ask(run_dir: str, question: str, k: int | None, as_json: bool) -> None:
+    """Answer QUESTION with the trained pipeline of RUN_DIR; show the passages it read
+    (ids and scores, best first)."""
+    answer = _open_run(run_dir).pipeline.answer(question, k)
+    if as_json:
+        _echo_json(answer.to_json())
+        return
+    if answer.text is not None:
+        click.echo(f"answer: {answer.text.strip()}")
+    for rank, passage in enumerate(answer.passages, start=1):
+        text = passage.text if len(passage.text) <= 100 else passage.text[:97] + "..."
+        click.echo(f"{rank}. [{passage.id}] {passage.score:.4g}  {text}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--split", default="test", show_default=True, help="Which questions to answer.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True)
+@click.option(
+    "--limit", type=int, default=None, help="Only the first N questions [default: data.max_eval]."
+)
+@click.option(
+    "--k",
+    "depth",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Passages listed per question [default: enough for every recall@k and MRR@10].",
+)
+@json_option
+def predict(
+    run_dir: str, split: str, out_file: str, limit: int | None, depth: int | None, as_json: bool
+) -> None:
+    """Answer every question of SPLIT with the trained pipeline of RUN_DIR; write one JSON
+    line per question to OUT (retrieved passage ids and scores, the answer, EM/F1/sub-EM)."""
+    from latentrag.experiments.predict import predict_examples, summarize, write_predictions
+    from latentrag.experiments.tables import format_table
+
+    run = _open_run(run_dir)
+    examples = run.split(split, limit)
+    records = predict_examples(run.pipeline, examples, run.config.pipeline.eval, depth)
+    write_predictions(Path(out_file), records)
+    row = {"split": split, "questions": len(records), **summarize(records)}
+    if as_json:
+        _echo_json({"out": out_file, **row})
+        return
+    click.echo(format_table([row]))
+    click.echo(f"predictions: {out_file}")
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--to",
+    "kind",
+    type=click.Choice(["sentence-transformers", "peft", "faiss"]),
+    required=True,
+    help="sentence-transformers: the retriever's query encoder; peft: the generator's LoRA "
+    "adapter; faiss: the retriever's index of trained passage vectors, with the ids.",
+)
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--role",
+    type=click.Choice(["retriever", "posterior"]),
+    default="retriever",
+    show_default=True,
+    help="The retriever to export (sentence-transformers, faiss).",
+)
+def export_run(run_dir: str, kind: str, out: str, role: str) -> None:
+    """Write what RUN_DIR trained to OUT in a format other tools load (a new folder)."""
+    from latentrag.experiments.export import check_out, export
+
+    check_out(out)  # before the minutes a large run takes to load
+    click.echo(f"{kind}: {export(_open_run(run_dir).pipeline, kind, out, role)}")
+
+
+# -- training ------------------------------------------------------------------------------
 
 
 @main.command()

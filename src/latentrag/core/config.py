@@ -160,7 +160,9 @@ class TrainConfig(StrictModel):
         description="per-role learning rates, e.g. {retriever = 1e-5, generator = 3e-5}",
     )
     weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float = Field(
+        1.0, ge=0, description="clip the gradient norm to this (0: no clipping)"
+    )
     seed: int = 0
     eval_every: int = Field(0, ge=0)
     checkpoint_every: int = Field(0, ge=0)
@@ -168,7 +170,30 @@ class TrainConfig(StrictModel):
     eval_qa: bool = Field(False, description="periodic eval also generates answers (EM/F1)")
     refresh_index_every: int = Field(0, ge=0)
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    keep_optimizer: bool = Field(
+        True,
+        description="the final checkpoint of a finished run keeps the optimizer state "
+        "(intermediate checkpoints always do, so that a run resumes)",
+    )
+    loggers: list[Literal["tensorboard"]] = Field(
+        default_factory=list,
+        description="where the run log also goes besides metrics.jsonl: 'tensorboard' "
+        "(needs the tensorboard package); plugins receive it through the log_record hook",
+    )
 
+    @field_validator("max_grad_norm", mode="before")
+    @classmethod
+    def _no_clipping(cls, value: Any) -> Any:
+        """None (Python callers; TOML has no null) means no clipping, like 0."""
+        return 0.0 if value is None else value
+
+    @field_validator("loggers")
+    @classmethod
+    def _loggers_once(cls, loggers: list[str]) -> list[str]:
+        repeated = sorted({name for name in loggers if loggers.count(name) > 1})
+        if repeated:
+            raise ValueError(f"listed more than once: {', '.join(repeated)}")
+        return loggers
 
     @field_validator("lrs")
     @classmethod

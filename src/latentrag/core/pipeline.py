@@ -2,18 +2,21 @@
 
 `Pipeline` implements the `LatentModel` protocol: candidate sets, prior and posterior
 log-probabilities over them, and generator log-likelihoods. Estimators only see this.
+For inference it retrieves (`retrieve`), answers batches (`predict`) and answers one
+question with the passages it read (`answer`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
 from latentrag.core.interfaces import Estimator, Generator, Reduce, Reranker, Retriever
-from latentrag.core.types import Batch, Candidates, Corpus
+from latentrag.core.types import Batch, Candidates, Corpus, Passage
 
 if TYPE_CHECKING:
     from latentrag.core.config import ResolvedConfig
@@ -73,11 +76,40 @@ def masked_log_softmax(scores: Tensor, mask: Tensor | None, temperature: float) 
     return torch.log_softmax(logits, dim=-1)
 
 
+@dataclass(frozen=True)
+class RetrievedPassage:
+    """A passage an answer was read from: its corpus id, its retrieval (or rerank) score,
+    its text and title."""
+
+    id: str
+    score: float
+    text: str
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What `Pipeline.answer` returns: the generator's answer (None without a generator)
+    and the passages it read, best first."""
+
+    question: str
+    text: str | None
+    passages: tuple[RetrievedPassage, ...]
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready dict: question, answer, passages (id, score, title, text)."""
+        passages = [
+            {"id": p.id, "score": p.score, "title": p.title, "text": p.text} for p in self.passages
+        ]
+        return {"question": self.question, "answer": self.text, "passages": passages}
+
+
 class Pipeline:
     """The assembled components plus the corpus they work over.
 
     loglik_cache: remembers a frozen generator's log-likelihoods (`ScoreCache`); whoever
     owns the cache (a run, the demo) passes it, and may share it between pipelines.
+    `config`: the resolved config it was built from (`from_config`), else None.
     """
 
     def __init__(
@@ -99,6 +131,7 @@ class Pipeline:
         self.reranker = reranker
         self.estimator = estimator
         self.loglik_cache = loglik_cache
+        self.config: ResolvedConfig | None = None
         self._texts = corpus.texts()
         self.generator_forwards = 0
 
@@ -115,6 +148,7 @@ class Pipeline:
         built = {role: spec.build(cfg, context) for role, (spec, cfg) in config.components.items()}
         rerank_pool = config.pipeline.eval.rerank_pool
         pipeline = cls(corpus, **built, rerank_pool=rerank_pool, loglik_cache=loglik_cache)
+        pipeline.config = config
         if index:
             pipeline.index()
         return pipeline
@@ -267,6 +301,31 @@ class Pipeline:
         assert self.generator is not None, "no [generator] configured"
         top = self.retrieve(batch.questions, passages)
         return self.generator.generate(batch.questions, self.passages(top.indices), max_new_tokens)
+
+    @torch.no_grad()
+    def answer(
+        self, question: str, k: int | None = None, max_new_tokens: int | None = None
+    ) -> Answer:
+        """Answer one question from its k best passages (`retrieve`), returning both.
+
+        k and max_new_tokens default to the config's [eval] `passages` and `max_new_tokens`
+        (1 and 16 without a config), so the answer is the one an evaluation gives; the
+        answer text is None when the pipeline has no generator."""
+        settings = self.config.pipeline.eval if self.config is not None else None
+        k = min(k or (settings.passages if settings else 1), len(self.corpus))
+        max_new_tokens = max_new_tokens or (settings.max_new_tokens if settings else 16)
+        top = self.retrieve([question], k)
+        found = zip(top.indices[0].tolist(), top.scores[0].tolist(), top.valid()[0].tolist())
+        passages = tuple(_retrieved(self.corpus[row], score) for row, score, ok in found if ok)
+        text = None
+        if self.generator is not None:
+            read = [[p.text for p in passages]]
+            text = self.generator.generate([question], read, max_new_tokens)[0]
+        return Answer(question, text, passages)
+
+
+def _retrieved(passage: Passage, score: float) -> RetrievedPassage:
+    return RetrievedPassage(passage.id, float(score), passage.text, passage.title)
 
 
 def _cells(rows: Tensor, valid: Tensor):

@@ -252,6 +252,12 @@ class Registry:
         self._specs[key] = ComponentSpec(kind, name, plugin, description, config_model, factory)
         added.append(key)
 
+    def record_loggers(self) -> list[tuple[str, Callable[..., None]]]:
+        """(plugin name, function) of each `log_record` hook implementation: the trainer
+        calls each on its own, so that one failing logger can be switched off alone."""
+        self.load()
+        return [(i.plugin_name, i.function) for i in self._pm.hook.log_record.get_hookimpls()]
+
     # -- queries -----------------------------------------------------------------------
 
     def plugins(self) -> list[PluginInfo]:

@@ -5,6 +5,11 @@ A checkpoint holds the trained components' weights (``model``: ``<role>.<key>``)
 optimizer (``optimizer``), and in ``state.json`` the `TrainState` (data position, steps
 skipped, last loss, wall time), the RNGs, the estimator's state and the resolved config.
 Under torchrun rank 0 writes it, with every rank's RNG and estimator state (``ranks``).
+
+With ``train.keep_optimizer = false`` the final checkpoint (step = ``train.steps``) leaves
+the optimizer out (AdamW's moments are twice the trained weights); intermediate ones keep
+it, so that an interrupted run resumes exactly. `load_model_state` puts a checkpoint's
+weights into a pipeline's components (resuming, and `experiments.loading.load_run`).
 """
 
 from __future__ import annotations
@@ -74,6 +79,23 @@ def _current_key(key: str) -> str:
     return "retriever." + key[len("prior.") :] if key.startswith("prior.") else key
 
 
+def checkpoint_roles(checkpoint: Checkpoint) -> list[str]:
+    """The roles whose weights a checkpoint holds, in the order it stores them."""
+    keys = (_current_key(k) for k in checkpoint.tensors["model"])
+    return list(dict.fromkeys(key.split(".", 1)[0] for key in keys))
+
+
+def load_model_state(checkpoint: Checkpoint, components: dict[str, Any]) -> None:
+    """Load each component's weights (``<role>.<key>`` in the checkpoint's ``model``);
+    KeyError/ValueError/RuntimeError when they do not fit."""
+    model = {_current_key(k): v for k, v in checkpoint.tensors["model"].items()}
+    for role, component in components.items():
+        prefix = role + "."
+        component.load_state_dict(
+            {k[len(prefix) :]: v for k, v in model.items() if k.startswith(prefix)}
+        )
+
+
 class Checkpointer:
     """Writes and restores the checkpoints of one run folder.
 
@@ -131,7 +153,10 @@ class Checkpointer:
             for role, component in self.components.items()
             for key, value in component.state_dict().items()
         }
-        optimizer_tensors, optimizer_meta = flatten_optimizer(self.optimizer.state_dict())
+        tensors = {"model": model}
+        optimizer_meta = None
+        if self._keeps_optimizer(step):
+            tensors["optimizer"], optimizer_meta = flatten_optimizer(self.optimizer.state_dict())
         saved = {
             "step": step,
             **state.to_json(),
@@ -142,8 +167,13 @@ class Checkpointer:
         }
         if self.world > 1:
             saved.update(world_size=self.world, ranks=ranks)
-        tensors = {"model": model, "optimizer": optimizer_tensors}
         save_checkpoint(self.out_dir, Checkpoint(step, tensors, saved), self.keep_last)
+
+    def _keeps_optimizer(self, step: int) -> bool:
+        """Every checkpoint keeps the optimizer but a finished run's final one with
+        ``train.keep_optimizer = false``."""
+        settings = self.config.pipeline.train
+        return settings.keep_optimizer or step < settings.steps
 
     # -- resuming -----------------------------------------------------------------------
 
@@ -170,12 +200,15 @@ class Checkpointer:
         return state
 
     def _load_tensors(self, checkpoint: Checkpoint) -> None:
-        model = {_current_key(k): v for k, v in checkpoint.tensors["model"].items()}
-        for role, component in self.components.items():
-            prefix = role + "."
-            component.load_state_dict(
-                {k[len(prefix) :]: v for k, v in model.items() if k.startswith(prefix)}
-            )
+        load_model_state(checkpoint, self.components)
+        if checkpoint.state.get("optimizer") is None:  # a final checkpoint without it
+            if checkpoint.step < self.config.pipeline.train.steps and self.rank == 0:
+                warnings.warn(
+                    f"{checkpoint.path} has no optimizer state (train.keep_optimizer = false): "
+                    "training goes on with fresh AdamW moments, unlike an uninterrupted run",
+                    stacklevel=4,
+                )
+            return
         state = unflatten_optimizer(checkpoint.tensors["optimizer"], checkpoint.state["optimizer"])
         self.optimizer.load_state_dict(state)
 

@@ -39,12 +39,12 @@ def nonfinite(loss: float, norms: dict[str, Tensor], parameters: RoleParameters)
 
 
 def clip(norms: dict[str, Tensor], parameters: RoleParameters, max_norm: float | None) -> float:
-    """Scale the gradients to a total norm of at most max_norm (None: leave them); return
-    the total norm before clipping."""
+    """Scale the gradients to a total norm of at most max_norm (0 or None: leave them);
+    return the total norm before clipping."""
     if not norms:
         return 0.0
     total = torch.linalg.vector_norm(torch.stack(list(norms.values())))
-    if max_norm is not None:
+    if max_norm:
         params = [p for role in norms for _, p in parameters.by_role[role]]
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total.item()

@@ -158,7 +158,8 @@ class Trainer:
             # -- setup: where to start, the run log, the progress bar --
             start = self._resume() if resume else self._fresh_start()
             state = self.state
-            log = open_run_log(self.out_dir / METRICS_FILE, start, writes=self.is_main)
+            metrics = self.out_dir / METRICS_FILE
+            log = open_run_log(metrics, start, writes=self.is_main, config=self.config)
             show = self.progress and self.is_main  # None: no bar unless stderr is a terminal
             bar = tqdm(
                 total=settings.steps, initial=start, desc="train", disable=None if show else True
