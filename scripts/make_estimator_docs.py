@@ -2,7 +2,7 @@
 
 Inputs (each written by the command in its section of docs/estimators.md):
   benchmarks/results/gradcheck/{main,pool,samples,proposal,temperature,training}.json
-  benchmarks/results/latent_retrieval/results.md (when present)
+  benchmarks/results/latent_retrieval/table.md (when present)
 Outputs: the blocks between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` in
 docs/estimators.md, and docs/img/gradcheck_*.png.
 
@@ -124,10 +124,11 @@ def outside_column():
 
 
 def latent_retrieval() -> str:
-    path = RESULTS / "latent_retrieval" / "results.md"
+    path = RESULTS / "latent_retrieval" / "table.md"
     if not path.exists():
         return "(not measured yet: run `python benchmarks/latent_retrieval.py`)"
-    return path.read_text("utf-8").strip()
+    text = path.read_text("utf-8").strip()
+    return text.split("\n", 1)[1].strip() if text.startswith("# ") else text
 
 
 def generated_blocks() -> dict[str, str]:
