@@ -10,9 +10,7 @@ hold the gold passage, ends at 0.31-0.39. Per seed (same initialisation) JSA bea
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,13 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "latent_retrieval_benchmark", ROOT / "benchmarks" / "latent_retrieval.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    from latentrag.experiments import latent_retrieval
+
+    return latent_retrieval
 
 
 bench = _load_benchmark()
