@@ -12,6 +12,7 @@ import torch
 from latentrag.core.pipeline import Pipeline
 from latentrag.core.registry import default_registry
 from latentrag.core.types import Batch
+from latentrag.experiments.report import paired_difference
 from latentrag.toy.corpus import toy_corpus, toy_examples
 from latentrag.training.loglik_cache import LoglikCache, generator_identity
 
@@ -170,44 +171,67 @@ def test_run_demo_prints_the_table_and_a_verdict_from_the_numbers(tmp_path, one_
     config = tmp_path / "tiny.toml"
     config.write_text(TINY_DEMO)
     out, lines = tmp_path / "demo", []
-    result = run_demo(out, config=config, qa_questions=4, echo=lines.append)
+    result = run_demo(
+        out, config=config, qa_questions=4, echo=lines.append, seeds=2, controlled=None
+    )
     printed = "\n".join(lines)
 
     assert "| estimator.name | seeds |" in printed
     for name in ("topk", "vrag", "jsa"):
-        metrics = json.loads((out / f"estimator.name={name}__seed=0" / "eval.json").read_text())
-        assert {"recall@1", "recall@1 (before)", "f1", "f1 (before)"} <= set(metrics)
-        before, after = metrics["recall@1 (before)"], metrics["recall@1"]
-        assert f"{before:.3f} -> {after:.3f}" in printed  # the before -> after table
-    done = {r["assignment"]["estimator.name"]: r["metrics"] for r in result.rows}
-    jsa_wins = all(done["jsa"]["recall@1"] > done[o]["recall@1"] for o in ("topk", "vrag"))
-    expected = "yes" if jsa_wins else "no"
-    assert f"JSA beats topk and vrag on recall@1 here: {expected} (jsa " in printed
-    assert "JSA beats topk and vrag on f1 here: " in printed
-    assert f"Plots: {out / 'metrics.png'}" in printed
+        for seed in (0, 1):
+            run = out / f"estimator.name={name}__seed={seed}"
+            metrics = json.loads((run / "eval.json").read_text())
+            assert {"recall@1", "recall@1 (before)", "f1", "f1 (before)"} <= set(metrics)
+    # the verdict lines are the paired differences over the two seeds
+    for first, second in (("jsa", "topk"), ("jsa", "vrag"), ("vrag", "topk")):
+        diff = paired_difference(
+            result.rows, "recall@1", {"estimator.name": first}, {"estimator.name": second}
+        )
+        assert diff.summary.count == 2 and diff.verdict() in printed
+    assert f"{out / 'metrics.png'}" in printed
     assert (out / "logliks.json").exists() and (out / "answers.json").exists()
 
     # a second demo into the same folder skips the finished runs and prints the same table
     again: list[str] = []
-    run_demo(out, config=config, qa_questions=4, echo=again.append)
+    run_demo(out, config=config, qa_questions=4, echo=again.append, seeds=2, controlled=None)
     assert again[2:-1] == lines[2:-1]  # all but the header and the timing line
 
 
-def row(name: str, recall: float, f1: float, status: str = "done") -> dict:
+def row(name: str, seed: int, recall: float, f1: float, status: str = "done") -> dict:
     metrics = {"recall@1": recall, "recall@1 (before)": 0.5, "f1": f1, "f1 (before)": 0.1}
-    return {"assignment": {"estimator.name": name}, "status": status, "metrics": metrics}
+    assignment = {"estimator.name": name}
+    return {"assignment": assignment, "seed": seed, "status": status, "metrics": metrics}
 
 
-def test_the_verdict_says_no_on_a_tie_and_yes_only_when_jsa_is_strictly_best():
-    from latentrag.experiments.demo import beats, verdict
+def test_the_verdict_comes_from_paired_intervals_and_says_when_there_is_no_difference():
+    from latentrag.experiments.demo import verdict
 
-    rows = [row("topk", 0.6, 0.2), row("vrag", 0.7, 0.2), row("jsa", 0.7, 0.3)]
-    assert beats(rows, "jsa", ["topk", "vrag"], "recall@1").startswith("no (jsa 0.700")
-    assert beats(rows, "jsa", ["topk", "vrag"], "f1") == "yes (jsa 0.300, topk 0.200, vrag 0.200)"
+    rows = [row("topk", s, 0.60 + 0.01 * s, 0.2 + 0.05 * (-1) ** s) for s in range(3)]
+    rows += [row("jsa", s, 0.70 + 0.01 * s, 0.2 - 0.05 * (-1) ** s) for s in range(3)]
     text = verdict(rows)
-    assert "0.500 -> 0.700 (+0.200)" in text and "0.100 -> 0.300 (+0.200)" in text
-    failed = [row("topk", 0.6, 0.2), row("vrag", 0, 0, status="failed"), row("jsa", 0.7, 0.3)]
-    assert beats(failed, "jsa", ["topk", "vrag"], "f1") == "cannot tell (vrag did not finish)"
+    # recall@1: jsa - topk = +0.10 on every seed: an interval of zero width that excludes 0
+    assert "jsa > topk on recall@1: yes, +0.1" in text
+    # f1: -0.1, +0.1, -0.1: the interval holds 0
+    assert "jsa > topk on f1: no difference beyond noise" in text
+    assert "0.500 ± 0.000 -> 0.610 ± 0.025 (change +0.110 [+0.085, +0.135])" in text
+    failed = [row("topk", 0, 0.6, 0.2), row("jsa", 1, 0.7, 0.3)]
+    assert "jsa > topk on recall@1: cannot tell (no common seed)" in verdict(failed)
+
+
+def test_the_controlled_part_trains_and_compares_and_reuses_its_runs(tmp_path, one_thread):
+    from latentrag.experiments.demo import run_controlled
+    from latentrag.experiments.latent_retrieval import Settings
+
+    tiny = Settings(passages=40, steps=8, checkpoints=2, k=2, chain_questions=8)
+    labels = ("topk", "jsa-corpus-persistent")
+    result = run_controlled(tmp_path, seeds=2, settings=tiny, labels=labels, echo=lambda _: None)
+    assert {r["assignment"]["estimator.name"] for r in result.rows} == set(labels)
+    assert len(result.rows) == 4 and result.plot is not None and result.plot.exists()
+    assert "jsa-corpus-persistent > topk on held-out recall@1: " in result.text
+    saved = tmp_path / "controlled" / "runs.json"
+    stamp = saved.stat().st_mtime_ns
+    again = run_controlled(tmp_path, seeds=2, settings=tiny, labels=labels, echo=lambda _: None)
+    assert saved.stat().st_mtime_ns == stamp and again.text == result.text  # reused
 
 
 def test_answer_cache_generates_each_prompt_once(frozen, tmp_path, one_thread):

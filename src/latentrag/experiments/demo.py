@@ -1,14 +1,19 @@
-"""The embedded demo (`make demo`, `latentrag demo`): estimators compared on the SQuAD slice.
+"""The embedded demo (`make demo`, `latentrag demo`): the estimators compared where training
+moves the numbers, with >= 3 seeds each and 95% intervals.
 
-A sweep of the demo config over the estimators (top-K, VRAG, JSA), one seed each, with
-the packaged models: a MiniLM bi-encoder prior (its query encoder learns; passages are
-encoded once), a second MiniLM reading "question answer" as the posterior, and a frozen
-SmolLM2-135M generator. A frozen generator's outputs never change, so its log-likelihoods
+Part 1, controlled (`latent_retrieval`, the benchmark's task): latent retrieval learned from
+the answers alone on the synthetic *vault* task, the retriever starting weak (held-out gold
+recall@1 about 0.1) and K = 2, so top-K rarely sees the gold passage; top-K, VRAG, JSA and
+PDist from the same initialisation, 3 seeds. Part 2, real: the shipped SQuAD slice with the
+packaged models: a MiniLM bi-encoder prior (its query encoder learns; passages are encoded
+once), a second MiniLM reading "question answer" as the posterior, and a frozen SmolLM2-135M
+generator. A frozen generator's outputs never change, so its log-likelihoods
 (`training.loglik_cache`, handed to each run's pipeline) and its greedy answers
 (`AnswerCache`) are computed once and shared by every run; end-to-end training then costs
-retriever steps only. Each run is a `runs.train_run` with the demo's measurement: the
-prior's recall@k and the answers' EM/F1 before and after training; the demo prints the
-sweep's table, the plot paths and a verdict computed from those numbers.
+retriever steps only. Each run is a `runs.train_run` with the demo's measurement.
+
+Every comparison printed is a paired difference over seeds with its 95% interval
+(`report.paired_difference`): "yes", "no, the reverse" or "no difference beyond noise".
 
 The demo config ships inside the package (`latentrag/experiments/demo.toml`, read through
 importlib.resources, so an installed wheel finds it); `examples/demo.toml` is the same file
@@ -23,7 +28,7 @@ import os
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -35,7 +40,8 @@ from latentrag.core.config import EvalConfig, ResolvedConfig
 from latentrag.core.errors import LatentragError
 from latentrag.core.types import Example
 from latentrag.evaluation.measure import measure
-from latentrag.experiments.report import write_report
+from latentrag.experiments import latent_retrieval
+from latentrag.experiments.report import Summary, paired_difference, summarise, write_report
 from latentrag.experiments.runs import RunData, load_run_data, train_run
 from latentrag.experiments.sweep import expand_grid, resolve_cells, run_sweep
 from latentrag.experiments.tables import format_table
@@ -46,6 +52,11 @@ from latentrag.training.loglik_cache import LoglikCache, generator_identity
 #: the packaged demo config (a plain file: the package is installed as a folder, not a zip)
 DEMO_CONFIG = Path(str(resources.files("latentrag.experiments").joinpath("demo.toml")))
 DEMO_ESTIMATORS = ("topk", "vrag", "jsa")
+DEMO_SEEDS = 3
+#: the controlled part: the benchmark's task at K = 2, these estimators, DEMO_SEEDS seeds
+CONTROLLED_ESTIMATORS = ("topk", "vrag", "jsa-corpus-persistent", "pdist")
+CONTROLLED = latent_retrieval.Settings(k=2)
+CONTROLLED_FOLDER = "controlled"
 LOGLIK_FILE = "logliks.json"
 ANSWER_FILE = "answers.json"
 #: the metrics the verdict compares, best first
@@ -183,58 +194,165 @@ class DemoRun:
 # -- the verdict -------------------------------------------------------------------------------
 
 
-def _number(metrics: dict, key: str) -> float | None:
-    value = metrics.get(key)
-    return float(value) if isinstance(value, (int, float)) else None
+def _by_estimator(rows: Sequence[dict], metric: str) -> dict[str, Summary | None]:
+    names = dict.fromkeys(r["assignment"].get("estimator.name", "?") for r in rows)
+    return {
+        name: summarise(
+            [
+                r["metrics"].get(metric)
+                for r in rows
+                if r["status"] == "done" and r["assignment"].get("estimator.name") == name
+            ]
+        )
+        for name in names
+    }
 
 
-def before_after_rows(rows: Sequence[dict]) -> list[dict[str, object]]:
-    """Per finished run: each verdict metric before -> after training."""
-    table = []
-    for row in rows:
-        if row["status"] != "done":
-            continue
-        line: dict[str, object] = {"estimator": row["assignment"].get("estimator.name", "?")}
-        for metric in VERDICT_METRICS:
-            before = _number(row["metrics"], f"{metric} (before)")
-            after = _number(row["metrics"], metric)
-            if before is not None and after is not None:
-                line[metric] = f"{before:.3f} -> {after:.3f} ({after - before:+.3f})"
+def _text(summary: Summary | None) -> str:
+    if summary is None:
+        return ""
+    if summary.half_width is None:
+        return f"{summary.mean:.3f}"
+    return f"{summary.mean:.3f} ± {summary.half_width:.3f}"
+
+
+def before_after_rows(rows: Sequence[dict], metrics: Sequence[str]) -> list[dict[str, object]]:
+    """Per estimator: each metric's mean ± 95% half-width before -> after training, and the
+    change paired by seed with its interval."""
+    table: list[dict[str, object]] = []
+    names = dict.fromkeys(r["assignment"].get("estimator.name", "?") for r in rows)
+    for name in names:
+        line: dict[str, object] = {"estimator": name}
+        runs = [
+            r
+            for r in rows
+            if r["status"] == "done" and r["assignment"].get("estimator.name") == name
+        ]
+        line["seeds"] = len(runs)
+        for metric in metrics:
+            before = summarise([r["metrics"].get(f"{metric} (before)") for r in runs])
+            after = summarise([r["metrics"].get(metric) for r in runs])
+            change = summarise(
+                [
+                    r["metrics"][metric] - r["metrics"][f"{metric} (before)"]
+                    for r in runs
+                    if isinstance(r["metrics"].get(metric), (int, float))
+                    and isinstance(r["metrics"].get(f"{metric} (before)"), (int, float))
+                ]
+            )
+            if before and after and change:
+                interval = change.interval
+                span = f" [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else ""
+                line[metric] = (
+                    f"{_text(before)} -> {_text(after)} (change {change.mean:+.3f}{span})"
+                )
         table.append(line)
     return table
 
 
-def beats(rows: Sequence[dict], winner: str, others: Sequence[str], metric: str) -> str:
-    """Whether `winner` has a strictly higher `metric` after training than every one of
-    `others`: "yes" or "no", with the numbers."""
-    values = {
-        row["assignment"].get("estimator.name"): _number(row["metrics"], metric)
-        for row in rows
-        if row["status"] == "done"
-    }
-    named = [winner, *others]
-    missing = [name for name in named if values.get(name) is None]
-    if missing:
-        return f"cannot tell ({', '.join(missing)} did not finish)"
-    strictly = all(values[winner] > values[other] for other in others)
-    numbers = ", ".join(f"{name} {values[name]:.3f}" for name in named)
-    return f"{'yes' if strictly else 'no'} ({numbers})"
-
-
-def verdict(rows: Sequence[dict]) -> str:
-    """The demo's conclusion, computed from the runs whatever they say."""
-    lines = ["Before -> after training (recall@1 of the prior, F1 of the answers):", ""]
-    lines.append(format_table(before_after_rows(rows), markdown=True))
-    names = {row["assignment"].get("estimator.name") for row in rows}
-    if "jsa" in names:
-        others = [name for name in ("topk", "vrag") if name in names]
-        lines.append("")
-        for metric in VERDICT_METRICS:
-            lines.append(
-                f"JSA beats {' and '.join(others)} on {metric} here: "
-                f"{beats(rows, 'jsa', others, metric)}"
+def verdict_lines(
+    rows: Sequence[dict], pairs: Sequence[tuple[str, str]], metrics: Sequence[str]
+) -> list[str]:
+    """One line per (pair, metric): the paired difference and what its interval says."""
+    lines = []
+    for metric in metrics:
+        for first, second in pairs:
+            diff = paired_difference(
+                rows, metric, {"estimator.name": first}, {"estimator.name": second}
             )
-    return "\n".join(lines)
+            if diff is None:
+                lines.append(f"{first} > {second} on {metric}: cannot tell (no common seed)")
+            else:
+                lines.append(diff.verdict())
+    return lines
+
+
+def verdict(rows: Sequence[dict], metrics: Sequence[str] = VERDICT_METRICS) -> str:
+    """The SQuAD part's conclusion, computed from the runs whatever they say."""
+    lines = ["Before -> after training (mean ± 95% interval over seeds):", ""]
+    lines.append(format_table(before_after_rows(rows, metrics), markdown=True))
+    names = dict.fromkeys(r["assignment"].get("estimator.name") for r in rows)
+    pairs = [(a, b) for a, b in (("jsa", "topk"), ("jsa", "vrag"), ("vrag", "topk"))
+             if a in names and b in names]  # fmt: skip
+    return "\n".join([*lines, "", *verdict_lines(rows, pairs, metrics)])
+
+
+# -- the controlled part -------------------------------------------------------------------------
+
+
+@dataclass
+class ControlledResult:
+    rows: list[dict]
+    text: str
+    plot: Path | None
+
+
+def controlled_rows(runs: Sequence[dict]) -> list[dict]:
+    """The benchmark's runs as report rows: held-out recall@1 and marginal log-likelihood,
+    training recall@1, each after training and (before) at step 0."""
+    rows = []
+    for run in runs:
+        first, last = run["points"][0], run["points"][-1]
+        metrics = {}
+        for key, name in (
+            ("recall@1", "held-out recall@1"),
+            ("marginal_loglik", "held-out log-lik"),
+            ("train_recall@1", "train recall@1"),
+        ):
+            metrics[name], metrics[f"{name} (before)"] = last[key], first[key]
+        metrics["passes / example"] = run["passes_per_example"]
+        assignment = {"estimator.name": run["estimator"]}
+        rows.append({"assignment": assignment, "seed": run["seed"], "status": "done",
+                     "metrics": metrics, "run": f"{run['estimator']}-{run['seed']}"})  # fmt: skip
+    return rows
+
+
+def run_controlled(
+    out_dir: Path,
+    seeds: int = DEMO_SEEDS,
+    settings: latent_retrieval.Settings = CONTROLLED,
+    labels: Sequence[str] = CONTROLLED_ESTIMATORS,
+    echo: Echo = print,
+) -> ControlledResult:
+    """Part 1: train `labels` on the vault task from the same initialisations (reusing the
+    runs of an earlier demo in `out_dir` with the same settings), write the benchmark's
+    outputs there, and return the rows, the printed text and the plot."""
+    folder = out_dir / CONTROLLED_FOLDER
+    payload_path = folder / "runs.json"
+    wanted = {"settings": asdict(settings), "seeds": seeds, "labels": list(labels)}
+    runs = None
+    if payload_path.exists():
+        saved = json.loads(payload_path.read_text("utf-8"))
+        if {k: saved.get(k) for k in wanted} == wanted:
+            runs = saved["runs"]
+    if runs is None:
+        registry = latent_retrieval.benchmark_registry()
+        labels, skipped = latent_retrieval.available(registry, labels)
+        started = time.perf_counter()
+        runs = latent_retrieval.run_all(labels, [settings.k], seeds, settings, log=echo)
+        wall_s = time.perf_counter() - started
+        payload = {**wanted, "mode": "demo", "ks": [settings.k], "jobs": 1, "wall_s": wall_s}
+        payload["skipped"] = skipped
+        payload["runs"] = runs
+        latent_retrieval.write_outputs(payload, folder)
+    rows = controlled_rows(runs)
+    metrics = ("held-out recall@1", "train recall@1")
+    names = [r["assignment"]["estimator.name"] for r in rows]
+    jsa = next((n for n in names if n.startswith("jsa")), None)
+    pairs = [(a, b) for a, b in ((jsa, "topk"), ("vrag", "topk"), (jsa, "vrag"))
+             if a in names and b in names]  # fmt: skip
+    text = "\n".join(
+        [
+            f"Vault task, K = {settings.k}, {settings.steps} steps x {settings.batch_size} "
+            f"questions, {seeds} seeds from the same initialisations (mean ± 95% interval):",
+            "",
+            format_table(before_after_rows(rows, metrics), markdown=True),
+            "",
+            *verdict_lines(rows, pairs, metrics),
+        ]
+    )
+    plot = folder / f"curves_k{settings.k}.png"
+    return ControlledResult(rows, text, plot if plot.exists() else None)
 
 
 # -- the demo --------------------------------------------------------------------------------
@@ -246,6 +364,7 @@ class DemoResult:
     verdict: str
     plots: list[Path] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
+    controlled: ControlledResult | None = None
 
 
 def quiet_model_loading() -> None:
@@ -271,9 +390,12 @@ def run_demo(
     estimators: Sequence[str] = DEMO_ESTIMATORS,
     qa_questions: int = 32,
     echo: Echo | None = None,
+    seeds: int = DEMO_SEEDS,
+    controlled: latent_retrieval.Settings | None = CONTROLLED,
 ) -> DemoResult:
-    """Sweep the estimators of `config` (default: the packaged demo.toml) into `out_dir`, print
-    the report and the verdict, and return them. Finished runs are kept and skipped."""
+    """Part 1 (unless `controlled` is None): the vault task. Part 2: sweep the estimators of
+    `config` (default: the packaged demo.toml) over `seeds` seeds into `out_dir`. Print both
+    parts' tables and verdicts and return them. Finished runs are kept and skipped."""
     echo = echo or partial(print, flush=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -286,13 +408,21 @@ def run_demo(
     echo(f"latentrag demo: {', '.join(estimators)} on {config.name}, results in {out_dir}/")
 
     grid = [f"estimator.name={','.join(estimators)}"]
-    # the runs' data is checked before the sweep claims the folder: a bad demo writes nothing
-    cells = resolve_cells(config, expand_grid(grid, 1), overrides)
+    # the runs' data is checked before anything is written: a bad demo writes nothing
+    cells = resolve_cells(config, expand_grid(grid, seeds), overrides)
     load_run_data(cells[0], config)
+    part1 = None
+    if controlled is not None:
+        echo("Part 1: latent retrieval learned from the answers alone (vault task)")
+        part1 = run_controlled(out_dir, seeds, controlled, echo=echo)
+        echo("")
+        echo(part1.text)
+        echo("")
+    echo(f"Part 2: {', '.join(estimators)} on the SQuAD slice, {seeds} seeds")
     run = DemoRun(
         LoglikCache(out_dir / LOGLIK_FILE), AnswerCache(out_dir / ANSWER_FILE), qa_questions
     )
-    results = run_sweep(config, grid, 1, out_dir, overrides, train_fn=run.train)
+    results = run_sweep(config, grid, seeds, out_dir, overrides, train_fn=run.train)
     report = write_report(out_dir)
     conclusion = verdict(report.rows)
 
@@ -303,7 +433,8 @@ def run_demo(
     echo("")
     echo(conclusion)
     echo("")
-    echo("Plots: " + (", ".join(str(p) for p in report.plots) or "none"))
+    plots = ([part1.plot] if part1 and part1.plot else []) + list(report.plots)
+    echo("Plots: " + (", ".join(str(p) for p in plots) or "none"))
     echo(f"Report: {report.markdown_path}")
     echo(
         f"Time: {time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} s CPU; "
@@ -315,4 +446,4 @@ def run_demo(
     if failed:
         names = ", ".join(r.name for r in failed)
         raise TrainingError(f"demo: {len(failed)} run(s) failed ({names}); see their error.txt")
-    return DemoResult(report.markdown, conclusion, report.plots, report.rows)
+    return DemoResult(report.markdown, conclusion, plots, report.rows, part1)

@@ -470,8 +470,12 @@ def plot_metrics(plt, rows: Sequence[dict[str, Any]], path: Path) -> bool:
 
 
 def read_eval_curve(run_dir: Path, metric: str) -> dict[int, float]:
-    """step -> a dev metric from a run's periodic evaluations in metrics.jsonl."""
+    """step -> a dev metric from a run's periodic evaluations in metrics.jsonl, and at step 0
+    its value before training (eval.json's "(before)" entry) when the run measured it."""
     curve: dict[int, float] = {}
+    before = _read_json(run_dir / EVAL_FILE)
+    if isinstance(before, dict) and _is_number(before.get(metric + BEFORE)):
+        curve[0] = float(before[metric + BEFORE])
     path = run_dir / METRICS_FILE
     if not path.exists():
         return curve
