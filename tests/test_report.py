@@ -198,7 +198,7 @@ def test_paired_difference_gives_the_verdict_from_the_interval(tmp_path):
     diff = paired_difference(rows, "recall@1", jsa, topk)
     # differences 0.10, 0.12, 0.09, 0.11: mean 0.105, std 0.0129, t(0.975, 3) = 3.182
     assert diff.summary.mean == pytest.approx(0.105) and diff.separated
-    expected = "jsa > topk on recall@1: yes, +0.105 [+0.0845, +0.126] (4 paired seeds)"
+    expected = "jsa > topk on recall@1: yes, +0.105 [+0.084, +0.126] (4 paired seeds)"
     assert diff.verdict() == expected
     reverse = paired_difference(rows, "recall@1", topk, jsa)
     assert reverse.verdict().startswith("topk > jsa on recall@1: no, the reverse, -0.105")

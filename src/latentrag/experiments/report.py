@@ -224,8 +224,8 @@ class Difference:
         """E.g. "jsa > vrag on recall@1: yes, +0.06 [0.03, 0.09] (5 seeds)"."""
         s = self.summary
         interval = s.interval
-        span = f" [{interval[0]:+.3g}, {interval[1]:+.3g}]" if interval else ""
-        numbers = f"{s.mean:+.3g}{span} ({s.count} paired seed{'s' if s.count != 1 else ''})"
+        span = f" [{_signed(interval[0])}, {_signed(interval[1])}]" if interval else ""
+        numbers = f"{_signed(s.mean)}{span} ({s.count} paired seed{'s' if s.count != 1 else ''})"
         question = f"{self.first} > {self.second} on {self.metric}"
         if interval is None:
             return f"{question}: cannot tell from one seed, {numbers}"
@@ -234,6 +234,13 @@ class Difference:
         better = self.first if (s.mean > 0) == (metric_direction(self.metric) != "min") else None
         answer = "yes" if better == self.first else "no, the reverse"
         return f"{question}: {answer}, {numbers}"
+
+
+def _signed(value: float) -> str:
+    """+0.105, -0.003; 3 significant digits below 0.01 (+0.00042), never -0.000."""
+    if abs(value) < 5e-10:
+        return "+0"
+    return f"{value:+.3f}" if abs(value) >= 0.01 else f"{value:+.2g}"
 
 
 def paired_difference(
