@@ -18,6 +18,7 @@ TINY = {
     ("retriever", "bm25"): {},
     ("retriever", "bow"): {},
     ("retriever", "dpr"): {"model": "tiny-random"},
+    ("retriever", "hybrid"): {"retrievers": [{"name": "bm25"}, {"name": "dpr", "model": "tiny-random"}]},  # noqa: E501
     ("reranker", "cross-encoder"): {"model": "tiny-random"},
     ("reranker", "gumbel"): {"inner": {"name": "cross-encoder", "model": "tiny-random"}},
     ("generator", "hf-causal-lm"): {"model": "tiny-llama"},

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from latentrag.core.errors import LatentragError
 from latentrag.core.types import Corpus, Example, Passage
 from latentrag.data import load_squad_slice, squad_slice_dir
 from latentrag.data.readers import (
@@ -87,6 +88,30 @@ def test_optional_fields_and_blank_lines(tmp_path: Path) -> None:
     assert read_examples_jsonl(path)[0].gold_ids == ()
 
 
+def test_unknown_fields_are_ignored_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    records = [{**EXAMPLE, "id": f"q{i}", "meta": {"i": i}, "type": "bridge"} for i in range(3)]
+    records[1]["candidate_ids"] = ["p1", "p2"]
+    del records[2]["answers"]
+    path = write_lines(tmp_path / "e.jsonl", [dumps(r) for r in records])
+    with caplog.at_level("INFO", logger="latentrag.data"):
+        examples = read_examples_jsonl(path)
+    assert [e.candidate_ids for e in examples] == [(), ("p1", "p2"), ()]
+    assert examples[2].answers == ()
+    with pytest.raises(LatentragError, match="'q2' has no answers.*generator needs them"):
+        _ = examples[2].target
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == [f"{path}: ignored fields: meta, type"]
+    near = write_lines(tmp_path / "n.jsonl", [dumps({"id": "q", "question": "?", "answer": "x"})])
+    caplog.clear()
+    assert read_examples_jsonl(near)[0].answers == ()  # HotpotQA's own "answer": ignored...
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"{near}: ignored field 'answer' (did you mean 'answers'?)"]  # ...said
+    passages = write_lines(tmp_path / "p.jsonl", [dumps({**PASSAGE, "score": 1})])
+    assert read_passages_jsonl(passages)[0] == Passage("p1", "some text", "T")
+
+
 # ---------------------------------------------------------------------------- bad inputs
 
 BAD_EXAMPLES = [
@@ -102,7 +127,10 @@ BAD_EXAMPLES = [
     ([dumps(EXAMPLE), dumps({**EXAMPLE, "id": "q2", "answers": []})], 2,
      ["'answers'", "empty"]),
     ([dumps({**EXAMPLE, "question": "  "})], 1, ["'question'", "empty"]),
-    ([dumps(EXAMPLE), dumps({**EXAMPLE, "answer": "x"})], 2, ["unknown field 'answer'"]),
+    ([dumps(EXAMPLE), dumps({"id": "q2", "questoin": "?", "answers": ["x"]})], 2,
+     ["missing field 'question'", "found 'questoin'", "did you mean 'question'"]),
+    ([dumps({**EXAMPLE, "gold_grades": [1, 2]})], 1, ["'gold_grades'", "2 grades for 1"]),
+    ([dumps({**EXAMPLE, "candidate_ids": "p1"})], 1, ["'candidate_ids'", "list of strings"]),
     ([dumps(EXAMPLE), "", dumps({**EXAMPLE, "question": "again?"})], 3,
      ["duplicate", "'q1'", "lines 1 and 3"]),
     (['{"id": "q1", "id": "q2", "question": "?", "answers": ["a"]}'], 1, ["duplicate key"]),
@@ -123,7 +151,6 @@ BAD_PASSAGES = [
     ([dumps({"id": "a", "title": "T"})], 1, ["missing field 'text'"]),
     ([dumps(PASSAGE), dumps({"id": "b", "text": ["x"]})], 2, ["'text'", "string", "array"]),
     ([dumps({**PASSAGE, "title": None})], 1, ["'title'", "null"]),
-    ([dumps({**PASSAGE, "score": 1})], 1, ["unknown field 'score'"]),
     ([dumps(PASSAGE), dumps(PASSAGE)], 2, ["duplicate passage id 'p1'", "lines 1 and 2"]),
 ]
 
@@ -205,7 +232,7 @@ def test_read_squad_errors(tmp_path: Path) -> None:
     path.write_text(json.dumps(bad))
     with pytest.raises(DataError) as err:
         read_squad(path)
-    assert_error(err, path, None, "data[0].paragraphs[1].qas[0]", "missing field 'question'")
+    assert_error(err, path, 1, "data[0].paragraphs[1].qas[0]", "missing field 'question'")
     path.write_text(json.dumps({"data": []}))
     with pytest.raises(DataError, match="no passages"):
         read_squad(path)

@@ -51,9 +51,12 @@ def test_save_then_load_gives_identical_results(tmp_path, corpus, monkeypatch):
     built.index(corpus)
     manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
     assert manifest["num_vectors"] == 12 and manifest["dims"] == 32
-    assert manifest["index_type"] == "flat" and manifest["format_version"] == 1
+    assert manifest["index_type"] == "flat" and manifest["format_version"] == 2
     assert manifest["corpus_fingerprint"] == corpus.fingerprint()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [INDEX_FILE, MANIFEST_FILE]
+    assert manifest["index_params"] == {"factory": "Flat"}
+    # the flat index file holds the vectors themselves; ids.txt the passage id of each row
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.txt", INDEX_FILE, MANIFEST_FILE]
+    assert (tmp_path / "ids.txt").read_text().splitlines() == corpus.ids
 
     loaded = tiny(index_dir=str(tmp_path))
     monkeypatch.setattr(loaded.passage_encoder, "encode", pytest.fail)  # must not re-encode

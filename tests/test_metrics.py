@@ -12,6 +12,7 @@ from latentrag.evaluation.metrics import (
     bleu,
     exact_match,
     f1,
+    hit_at_k,
     mrr_at_k,
     normalize_answer,
     recall_at_k,
@@ -52,8 +53,10 @@ def test_f1_is_max_over_references():
     assert f1("Denver", ["Denver Broncos", "Carolina"]) == pytest.approx(2 / 3)
 
 
-def test_f1_empty_after_normalisation():
-    assert f1("The", ["the"]) == 1.0
+def test_f1_empty_after_normalisation_follows_squad_v1_1():
+    # the official v1.1 script: no common token -> F1 0, even when both are empty (EM 1)
+    assert f1("The", ["the"]) == 0.0
+    assert exact_match("The", ["the"]) == 1.0
     assert f1("the", ["Paris"]) == 0.0
 
 
@@ -87,11 +90,12 @@ def test_bleu_no_shared_word_is_zero():
     assert bleu("", ["goodbye now"]) == 0.0
 
 
-def test_recall_and_mrr_at_k():
+def test_hit_recall_and_mrr_at_k():
     ranked = ["a", "b", "c", "d"]
-    assert recall_at_k(ranked, ["c"], 2) == 0.0
-    assert recall_at_k(ranked, ["c"], 3) == 1.0
-    assert recall_at_k(ranked, ["z", "b"], 2) == 1.0
+    assert hit_at_k(ranked, ["c"], 2) == recall_at_k(ranked, ["c"], 2) == 0.0
+    assert hit_at_k(ranked, ["c"], 3) == recall_at_k(ranked, ["c"], 3) == 1.0
+    assert hit_at_k(ranked, ["z", "b"], 2) == 1.0
+    assert recall_at_k(ranked, ["z", "b"], 2) == 0.5  # one of the two gold passages
     assert mrr_at_k(ranked, ["c", "d"], 10) == pytest.approx(1 / 3)
     assert mrr_at_k(ranked, ["d"], 3) == 0.0
     assert mrr_at_k(ranked, ["a"], 1) == 1.0
@@ -105,8 +109,8 @@ def test_f1_bounds_and_consistency_with_exact_match(prediction, answer):
     prediction, answer = " ".join(prediction), " ".join(answer)
     score = f1(prediction, [answer])
     assert 0.0 <= score <= 1.0
-    if exact_match(prediction, [answer]):
-        assert score == 1.0
+    if exact_match(prediction, [answer]):  # F1 1, except both empty (0 in SQuAD v1.1)
+        assert score == (1.0 if normalize_answer(answer) else 0.0)
 
 
 # -- evaluation -----------------------------------------------------------------------------
@@ -136,9 +140,9 @@ def test_evaluate_retrieval_hand_computed():
         Example("4", "a", ("x",), ()),  # no gold ids: not counted
     ]
     metrics = evaluate_retrieval(retriever, CORPUS, examples, ks=(1, 2, 20), batch_size=2)
-    assert metrics == pytest.approx(
-        {"recall@1": 1 / 3, "recall@2": 1 / 3, "recall@20": 1.0, "mrr@10": (1 + 1 / 3 + 1 / 3) / 3}
-    )
+    hits = {"hit@1": 1 / 3, "hit@2": 1 / 3, "hit@20": 1.0}
+    recalls = {"recall@1": 1 / 3, "recall@2": 1 / 3, "recall@20": 1.0}  # both p2 and p3 by 20
+    assert metrics == pytest.approx({**hits, **recalls, "mrr@10": (1 + 1 / 3 + 1 / 3) / 3})
     assert set(retriever.asked_k) == {4}  # k=20 clipped to the corpus size
 
 
@@ -171,5 +175,5 @@ def test_evaluate_qa_em_f1_without_retrieval_metrics():
     ]
     pipeline = EchoPipeline()
     metrics = evaluate_qa(pipeline, examples, batch_size=1, progress=False)
-    assert metrics == {"em": 0.5, "f1": pytest.approx(0.75)}
+    assert metrics == {"em": 0.5, "f1": pytest.approx(0.75), "sub_em": 0.5}
     assert pipeline.retriever.asked_k == [1, 1]  # predict's own top passage; no recall pass

@@ -283,8 +283,8 @@ def test_unknown_component(data_dir):
             ["passages.jsonl:10: malformed JSON: Unterminated string"],
         ),
         (
-            lambda d: edit_line(d / "train.jsonl", 2, '"answers": ["Rome"], ', ""),
-            ["train.jsonl:2: missing field 'answers'"],
+            lambda d: edit_line(d / "train.jsonl", 2, '"question": ', '"query": '),
+            ["train.jsonl:2: missing field 'question'"],
         ),
         (
             lambda d: (d / "passages.jsonl").write_text(""),

@@ -58,10 +58,11 @@ def test_measure_retrieves_once_and_answers_from_the_same_ranking():
         Example("2", "b", ("text 9", "other"), ("p0",)),  # gold at rank 2; F1 1/2
         Example("3", "c", ("text 3",)),  # no gold ids: answered, not in recall
     ]
-    settings = EvalConfig(recall_at=[1, 3], passages=2)
+    settings = EvalConfig(recall_at=[1, 3], passages=2, metrics=["recall", "mrr"])
     metrics = measure(pipeline, examples, settings, qa=True, batch_size=2)
     assert metrics == pytest.approx(
         {"recall@1": 0.5, "recall@3": 1.0, "mrr@10": 0.75, "em": 2 / 3, "f1": (1 + 0.5 + 1) / 3}
+        | {"sub_em": 2 / 3}  # "text 9" is not in the answer "text 2"
     )
     # one retrieve per batch of questions, deep enough for every metric (clipped to 4)
     assert pipeline.calls == [(["a", "b"], 4), (["c"], 4)]
@@ -71,11 +72,11 @@ def test_measure_retrieves_once_and_answers_from_the_same_ranking():
 def test_measure_without_qa_answers_nothing_and_qa_questions_limits_the_answers():
     pipeline = FixedPipeline({"a": [1, 0, 2, 3], "b": [2, 0, 1, 3]})
     examples = [Example("1", "a", ("text 1",), ("p1",)), Example("2", "b", ("x",))]
-    settings = EvalConfig(recall_at=[1])
+    settings = EvalConfig(recall_at=[1], metrics=["recall", "mrr"])
     assert measure(pipeline, examples, settings) == {"recall@1": 1.0, "mrr@10": 1.0}
     assert pipeline.calls == [(["a"], 4)] and pipeline.generator.asked == []
     limited = measure(pipeline, examples, settings, qa=True, qa_questions=1)
-    assert limited == {"recall@1": 1.0, "mrr@10": 1.0, "em": 1.0, "f1": 1.0}
+    assert limited == {"recall@1": 1.0, "mrr@10": 1.0, "em": 1.0, "f1": 1.0, "sub_em": 1.0}
     assert pipeline.generator.asked == [["a"]]
     pipeline.generator = None  # nothing to answer with: retrieval metrics only
     assert set(measure(pipeline, examples, settings, qa=True)) == {"recall@1", "mrr@10"}
@@ -101,6 +102,7 @@ eval_every = 1
 eval_qa = {eval_qa}
 [eval]
 recall_at = [1, 3]
+metrics = ["recall", "mrr"]
 max_new_tokens = 2
 """
 
@@ -150,7 +152,7 @@ def test_a_run_with_eval_qa_retrieves_and_answers_once_per_evaluation(
     assert sum(counted["generate"]) == 2 * dev  # the before measurement does not answer
     written = json.loads((out / "eval.json").read_text())
     assert {k: v for k, v in written.items() if "(before)" not in k} == evals[-1]
-    assert set(evals[-1]) == {"recall@1", "recall@3", "mrr@10", "em", "f1"}
+    assert set(evals[-1]) == {"recall@1", "recall@3", "mrr@10", "em", "f1", "sub_em"}
     assert set(written) - set(evals[-1]) == {
         "recall@1 (before)",
         "recall@3 (before)",
@@ -182,6 +184,7 @@ def test_evaluate_qa_reports_the_configured_ks_only(tmp_path, counted, one_threa
         "mrr@10",
         "em",
         "f1",
+        "sub_em",
     ]
     assert sum(counted["retrieve"]) == 12 and sum(counted["generate"]) == 12
 

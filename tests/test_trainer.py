@@ -385,8 +385,10 @@ def test_eval_and_refresh_happen_on_schedule(tmp_path):
     assert (pipeline.retriever.refreshes, pipeline.posterior.refreshes) == (2, 1)
     evals = [line for line in metric_lines(tmp_path) if "eval" in line]
     assert [line["step"] for line in evals] == [2, 4]
-    assert set(evals[0]["eval"]) == {"recall@1", "recall@5", "recall@20", "mrr@10"}
-    assert set(evals[-1]["eval"]) == set(evals[0]["eval"]) | {"em", "f1"}  # the run's result
+    ks = (1, 5, 20)
+    retrieval = {f"{m}@{k}" for m in ("hit", "recall") for k in ks} | {"mrr@10", "ndcg@10"}
+    assert set(evals[0]["eval"]) == retrieval
+    assert set(evals[-1]["eval"]) == retrieval | {"em", "f1", "sub_em"}  # the run's result
     assert result["recall@1"] == evals[-1]["eval"]["recall@1"]
 
 

@@ -180,8 +180,11 @@ def _corpus_size(data, base: Path) -> int | None:
 
         path = squad_slice_dir() / "passages.jsonl"
     else:
-        path = Path(data.corpus).expanduser()
-        path = path if path.is_absolute() else base / path
+        from latentrag.data.dataset import corpus_file
+
+        path = corpus_file(data, base)
+        if path is None:
+            return None
     try:
         with path.open("rb") as handle:
             return sum(1 for line in handle if line.strip())
@@ -278,6 +281,20 @@ def index_build(config_file: str, overrides: tuple[str, ...]) -> None:
     help="Evaluate a trained run folder instead of CONFIG_FILE (its config, data and last "
     "checkpoint; answers too when it has a generator, as the run did).",
 )
+@click.option(
+    "--trec-run",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write each question's ranking to this file in TREC run format.",
+)
+@click.option(
+    "--trec-depth",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Passages per question in the TREC run (at most the corpus or candidate list).",
+)
+@click.option("--verbose", is_flag=True, help="Log the fields the data readers ignored.")
 def evaluate(
     config_file: str | None,
     split: str,
@@ -286,6 +303,9 @@ def evaluate(
     overrides: tuple[str, ...],
     as_json: bool,
     run_dir: str | None,
+    trec_run: str | None,
+    trec_depth: int,
+    verbose: bool,
 ) -> None:
     """Recall@k and MRR@10 of the retriever against gold passages (EM/F1 with --qa).
 
@@ -294,15 +314,26 @@ def evaluate(
     if run_dir is not None or config_file is None:
         _evaluate_run(run_dir, config_file, split, limit, overrides, as_json)
         return
-    from latentrag.evaluation.measure import measure
+    import logging
+    from functools import partial
+
+    from latentrag.evaluation.measure import RETRIEVAL_METRICS, measure, metric_legend
     from latentrag.experiments.tables import format_table
 
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     resolved, dataset, pipeline = _setup(config_file, overrides)
     examples = dataset.split(split, limit)
     if qa and pipeline.generator is None:
         raise LatentragError(f"{config_file}: --qa needs a [generator] section")
-    metrics = measure(pipeline, examples, resolved.pipeline.eval, qa=qa, progress=True)
-    if not any(k.startswith("recall@") for k in metrics) and not qa:
+    if qa:
+        dataset.require_answers(split)
+    measure_it = partial(measure, pipeline, examples, resolved.pipeline.eval, qa=qa, progress=True)
+    if trec_run is None:
+        metrics = measure_it()
+    else:
+        metrics = _measure_to_trec(measure_it, trec_run, trec_depth)
+    if not any(k.split("@")[0] in RETRIEVAL_METRICS for k in metrics) and not qa:
         raise LatentragError(
             f"{config_file}: split {split!r}: no question has gold_ids to measure retrieval "
             "against; use --qa for EM/F1"
@@ -315,6 +346,19 @@ def evaluate(
         _echo_json(row)
     else:
         click.echo(format_table([row]))
+        click.echo(metric_legend(metrics))
+
+
+def _measure_to_trec(measure_it, path: str, depth: int) -> dict[str, float]:
+    """`measure_it` (a bound `measure`) writing every question's ranking to a TREC run."""
+    from latentrag.evaluation.trec import TrecRunWriter
+    from latentrag.io.atomic import atomic_file
+
+    with atomic_file(path) as handle:
+        writer = TrecRunWriter(handle)
+        metrics = measure_it(depth=depth, on_ranking=writer)
+    click.echo(f"TREC run: {path} ({writer.questions} questions)", err=True)
+    return metrics
 
 
 # -- using a trained run -------------------------------------------------------------------

@@ -210,28 +210,95 @@ class TrainConfig(StrictModel):
         return out
 
 
-class DataConfig(StrictModel):
-    """Where the corpus and examples come from: the shipped "squad-slice", JSONL files
-    (`corpus` plus any of `train`/`dev`/`test`), or the dozen-passage "toy" set of
-    `latentrag.toy` (for gradcheck and smoke tests)."""
+DataFormat = Literal["latentrag", "beir", "dpr", "kilt", "squad", "hf"]
+#: what `[data] fields` may map (hf tables): passage fields, then question fields
+DATA_FIELDS = (
+    "passage_id", "text", "title",
+    "id", "question", "answers", "gold_ids", "gold_grades", "candidate_ids",
+)  # fmt: skip
+#: sources whose data are files in a `format`
+FILE_SOURCES = ("files", "jsonl")
 
-    source: Literal["squad-slice", "jsonl", "toy"] = "squad-slice"
+
+class DataConfig(StrictModel):
+    """Where the corpus and examples come from: the shipped "squad-slice", the dozen-passage
+    "toy" set of `latentrag.toy` (gradcheck, smoke tests), or files in a `format`
+    (docs/data.md): "latentrag" JSONL (`corpus` plus any of `train`/`dev`/`test`), a
+    "beir" folder (`path`), "dpr" (passages TSV + question files), "kilt" (knowledge source +
+    task files), "squad" (split files; the corpus is their paragraphs) or "hf" (Arrow or
+    parquet tables, columns mapped by `fields`). Giving `format` implies source = "files";
+    source = "jsonl" (the older spelling) means format = "latentrag"."""
+
+    source: Literal["squad-slice", "jsonl", "toy", "files"] = "squad-slice"
+    format: DataFormat | None = None
+    path: str | None = Field(None, description="the dataset folder (format = 'beir')")
     corpus: str | None = None
     train: str | None = None
     dev: str | None = None
     test: str | None = None
+    fields: dict[str, str] | None = Field(
+        None, description="format = 'hf': latentrag field = column, e.g. {question = 'query'}"
+    )
+    unit: Literal["paragraph", "page"] | None = Field(
+        None, description="format = 'kilt': passages are paragraphs (default) or pages"
+    )
     max_train: int | None = Field(None, ge=1)
     max_eval: int | None = Field(None, ge=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _format_means_files(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("format") is not None and "source" not in data:
+            return {**data, "source": "files"}
+        return data
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, fields: dict[str, str] | None) -> dict[str, str] | None:
+        for key in fields or {}:
+            if key not in DATA_FIELDS:
+                close = difflib.get_close_matches(key, DATA_FIELDS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown field {key!r}{hint} Fields: {', '.join(DATA_FIELDS)}")
+        return fields
+
     @model_validator(mode="after")
-    def _jsonl_needs_a_corpus(self) -> DataConfig:
-        if self.source == "jsonl" and self.corpus is None:
-            raise ValueError("corpus is required when source = 'jsonl'")
+    def _files_are_named(self) -> DataConfig:
+        if self.source == "jsonl":
+            if self.format not in (None, "latentrag"):
+                raise ValueError("source = 'jsonl' reads latentrag JSONL: drop it to use format")
+            self.format = "latentrag"
+        if self.format is not None and self.source not in FILE_SOURCES:
+            raise ValueError(f"format {self.format!r} reads files: drop source = {self.source!r}")
+        if self.source == "files" and self.format is None:
+            raise ValueError("format is required when source = 'files'")
+        if self.fields and self.format != "hf":
+            raise ValueError("fields maps the columns of format = 'hf' only")
+        needs = {"beir": "path", "squad": None}.get(self.format or "", "corpus")
+        if self.format is not None and needs and getattr(self, needs) is None:
+            raise ValueError(f"{needs} is required when format = {self.format!r}")
+        splits = (self.train, self.dev, self.test)
+        if self.format == "squad" and not any(splits):
+            raise ValueError("format = 'squad' needs at least one of train, dev, test")
         return self
 
 
 class EvalConfig(StrictModel):
-    recall_at: list[int] = Field(default_factory=lambda: [1, 5, 20])
+    """What `measure` reports. Retrieval, per question then averaged: hit@k (a gold passage
+    in the top k: what latentrag called recall@k before), recall@k (all-gold recall: the
+    share of the question's gold passages in the top k; equal to hit@k with one gold
+    passage), all@k (every gold passage in the top k), ndcg@k (graded relevance when the
+    data has grades), mrr@k (1/rank of the first gold passage in the top k)."""
+
+    recall_at: list[int] = Field(
+        default_factory=lambda: [1, 5, 20], description="the k of hit@k, recall@k and all@k"
+    )
+    metrics: list[Literal["hit", "recall", "all", "ndcg", "mrr"]] = Field(
+        default_factory=lambda: ["hit", "recall", "mrr", "ndcg"],
+        description="retrieval metrics to report",
+    )
+    mrr_at: int = Field(10, ge=1)
+    ndcg_at: list[int] = Field(default_factory=lambda: [10])
     max_new_tokens: int = Field(16, ge=1)
     passages: int = Field(1, ge=1, description="passages shown to the generator when answering")
     rerank_pool: int = Field(20, ge=1, description="prior candidates a reranker reorders")

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor
 
+from latentrag.core.errors import LatentragError
 from latentrag.core.interfaces import Estimator, Generator, Reduce, Reranker, Retriever
-from latentrag.core.types import Batch, Candidates, Corpus, Passage
+from latentrag.core.types import Batch, Candidates, Corpus, Example, Passage
 
 if TYPE_CHECKING:
     from latentrag.core.config import ResolvedConfig
@@ -194,9 +195,27 @@ class Pipeline:
 
     # -- LatentModel -----------------------------------------------------------------
 
+    def candidate_rows(self, examples: Sequence[Example]) -> list[list[int] | None] | None:
+        """Each example's closed candidate list (`Example.candidate_ids`) as corpus rows,
+        None for an example without one; None when no example has one."""
+        if not any(e.candidate_ids for e in examples):
+            return None
+        return [self._rows_of(e) if e.candidate_ids else None for e in examples]
+
+    def _rows_of(self, example: Example) -> list[int]:
+        try:
+            return [self.corpus.index_of(pid) for pid in example.candidate_ids]
+        except KeyError as err:
+            raise LatentragError(f"example {example.id!r}: candidate {err.args[0]}") from None
+
     @torch.no_grad()
     def candidates(self, batch: Batch, source: str, k: int) -> Candidates:
+        """Candidates for the batch; an example with `candidate_ids` gets its best k of
+        them (all of them for source "corpus"), padded and masked when it has fewer."""
         k = min(k, len(self.corpus))  # a pool larger than the corpus is the corpus
+        within = self.candidate_rows(batch.examples)
+        if within is not None:
+            return self._candidates_within(batch, source, k, within)
         if source == "prior":
             return self.retriever.retrieve(batch.questions, k)
         if source == "posterior":
@@ -208,6 +227,24 @@ class Pipeline:
         if source == "corpus":
             rows = torch.arange(len(self.corpus)).expand(len(batch), -1)
             return Candidates(rows.clone(), torch.zeros(rows.shape))
+        raise ValueError(f"unknown candidate source {source!r}; choose from {SOURCES}")
+
+    def _candidates_within(
+        self, batch: Batch, source: str, k: int, within: list[list[int] | None]
+    ) -> Candidates:
+        size = len(self.corpus)
+        if source == "prior":
+            return retrieve_within(self.retriever, batch.questions, within, k, size)
+        if source == "posterior":
+            queries = self.posterior_queries(batch)
+            return retrieve_within(self._require_posterior(), queries, within, k, size)
+        if source == "union":
+            prior = retrieve_within(self.retriever, batch.questions, within, k, size)
+            queries = self.posterior_queries(batch)
+            posterior = retrieve_within(self._require_posterior(), queries, within, k, size)
+            return merge_ranked(prior, posterior)
+        if source == "corpus":
+            return pad_rows([rows if rows is not None else range(size) for rows in within])
         raise ValueError(f"unknown candidate source {source!r}; choose from {SOURCES}")
 
     def prior_logprobs(
@@ -284,10 +321,16 @@ class Pipeline:
     # -- inference -------------------------------------------------------------------
 
     @torch.no_grad()
-    def retrieve(self, questions: Sequence[str], k: int) -> Candidates:
+    def retrieve(
+        self, questions: Sequence[str], k: int, within: Sequence[Sequence[int] | None] | None = None
+    ) -> Candidates:
         """The k best passages: the prior's, or, with a reranker, the reranker's best k of
-        the prior's top `rerank_pool`."""
+        the prior's top `rerank_pool`. `within`: per question, the corpus rows it may get
+        (a closed candidate list, see `candidate_rows`) or None for the whole corpus; a
+        question with fewer than k candidates gets them all, padded and masked."""
         questions = list(questions)
+        if within is not None and any(rows is not None for rows in within):
+            return self._retrieve_within(questions, k, within)
         if self.reranker is None:
             return self.retriever.retrieve(questions, k)
         pool = self.retriever.retrieve(questions, min(max(k, self.rerank_pool), len(self.corpus)))
@@ -295,12 +338,29 @@ class Pipeline:
         order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
         return Candidates(pool.indices.gather(1, order), scores.gather(1, order))
 
+    def _retrieve_within(
+        self, questions: list[str], k: int, within: Sequence[Sequence[int] | None]
+    ) -> Candidates:
+        size = len(self.corpus)
+        if self.reranker is None:
+            return retrieve_within(self.retriever, questions, within, k, size)
+        pool = retrieve_within(
+            self.retriever, questions, within, min(max(k, self.rerank_pool), size), size
+        )
+        valid = pool.valid()
+        scores = self.reranker.score(questions, self.passages(pool.indices)).float()
+        scores = scores.masked_fill(~valid, float("-inf"))
+        order = scores.argsort(dim=1, descending=True, stable=True)[:, : min(k, scores.shape[1])]
+        mask = valid.gather(1, order)
+        top = scores.gather(1, order).masked_fill(~mask, 0.0)
+        return Candidates(pool.indices.gather(1, order), top, None if bool(mask.all()) else mask)
+
     @torch.no_grad()
     def predict(self, batch: Batch, passages: int = 1, max_new_tokens: int = 16) -> list[str]:
         """Answer each question from its top passages (see `retrieve`)."""
         assert self.generator is not None, "no [generator] configured"
-        top = self.retrieve(batch.questions, passages)
-        return self.generator.generate(batch.questions, self.passages(top.indices), max_new_tokens)
+        top = self.retrieve(batch.questions, passages, self.candidate_rows(batch.examples))
+        return self.generator.generate(batch.questions, _valid_texts(self, top), max_new_tokens)
 
     @torch.no_grad()
     def answer(
@@ -332,3 +392,115 @@ def _cells(rows: Tensor, valid: Tensor):
     for b, (row, ok) in enumerate(zip(rows.tolist(), valid.tolist())):
         for r, v in zip(row, ok):
             yield (b, r), v
+
+
+# -- closed candidate lists ------------------------------------------------------------------
+
+
+def _valid_texts(pipeline: Pipeline, found: Candidates) -> list[list[str]]:
+    rows, valid = found.indices.tolist(), found.valid().tolist()
+    return [[pipeline._texts[r] for r, ok in zip(row, oks) if ok] for row, oks in zip(rows, valid)]
+
+
+def pad_ranked(rows: Sequence[Sequence[int]], scores: Sequence[Sequence[float]]) -> Candidates:
+    """Candidates from ragged ranked lists of corpus rows and their scores; padding slots
+    repeat row 0 with score 0, masked out."""
+    candidates = pad_rows([list(r) if len(r) else [0] for r in rows])
+    valid = candidates.valid().clone()
+    for b, (row, row_scores) in enumerate(zip(rows, scores)):
+        candidates.scores[b, : len(row)] = torch.tensor(list(row_scores), dtype=torch.float)
+        valid[b, len(row) :] = False
+    candidates.mask = None if bool(valid.all()) else valid
+    return candidates
+
+
+def _ranked_lists(found: Candidates) -> tuple[list[list[int]], list[list[float]]]:
+    rows, scores, valid = found.indices.tolist(), found.scores.tolist(), found.valid().tolist()
+    keep = [[i for i, ok in enumerate(oks) if ok] for oks in valid]
+    return (
+        [[row[i] for i in idx] for row, idx in zip(rows, keep)],
+        [[score[i] for i in idx] for score, idx in zip(scores, keep)],
+    )
+
+
+def merge_ranked(first: Candidates, second: Candidates) -> Candidates:
+    """Per-row union of two padded candidate sets (first's order, then second's new rows)."""
+    rows_a, _ = _ranked_lists(first)
+    rows_b, _ = _ranked_lists(second)
+    union = [list(dict.fromkeys([*a, *b])) for a, b in zip(rows_a, rows_b)]
+    return pad_ranked(union, [[0.0] * len(rows) for rows in union])
+
+
+def retrieve_within(
+    retriever: Retriever,
+    queries: Sequence[str],
+    within: Sequence[Sequence[int] | None],
+    k: int,
+    corpus_size: int,
+) -> Candidates:
+    """Each query's k best corpus rows among its own candidate rows (`within[b]`; None: the
+    whole corpus), best first; padded and masked where a query has fewer than k.
+
+    A retriever that defines ``retrieve_within(queries, rows, k)`` (rows: one list per
+    query) ranks the lists itself (a fusion retriever ranks within them); else its
+    `score()` scores each list (-inf at padding) and the best k are kept; a retriever
+    without `score()` retrieves deeper and deeper until each list's best k are found."""
+    queries = list(queries)
+    free = [b for b, rows in enumerate(within) if rows is None]
+    closed = [b for b, rows in enumerate(within) if rows is not None]
+    rows_out: list[list[int]] = [[] for _ in queries]
+    scores_out: list[list[float]] = [[] for _ in queries]
+    if free:
+        found = retriever.retrieve([queries[b] for b in free], min(k, corpus_size))
+        for b, rows, scores in zip(free, *_ranked_lists(found)):
+            rows_out[b], scores_out[b] = rows, scores
+    if closed:
+        lists = [list(within[b]) for b in closed]
+        found = _rank_lists(retriever, [queries[b] for b in closed], lists, k, corpus_size)
+        for b, rows, scores in zip(closed, *_ranked_lists(found)):
+            rows_out[b], scores_out[b] = rows, scores
+    return pad_ranked(rows_out, scores_out)
+
+
+def _rank_lists(
+    retriever: Retriever, queries: list[str], lists: list[list[int]], k: int, corpus_size: int
+) -> Candidates:
+    own = getattr(retriever, "retrieve_within", None)
+    if callable(own):
+        return own(queries, lists, k)
+    padded = pad_rows(lists)
+    try:
+        scores = retriever.score(queries, padded.indices)
+    except NotImplementedError:
+        return _filter_deep(retriever, queries, lists, k, corpus_size)
+    valid = padded.valid()
+    scores = scores.detach().float().masked_fill(~valid, float("-inf"))
+    order = scores.argsort(dim=1, descending=True, stable=True)[:, : min(k, scores.shape[1])]
+    mask = valid.gather(1, order)
+    top = scores.gather(1, order).masked_fill(~mask, 0.0)
+    return Candidates(padded.indices.gather(1, order), top, None if bool(mask.all()) else mask)
+
+
+def _filter_deep(
+    retriever: Retriever, queries: list[str], lists: list[list[int]], k: int, corpus_size: int
+) -> Candidates:
+    """The best k of each list from ever deeper retrievals over the whole corpus; rows a
+    retrieval never returns (an approximate index) follow, in list order, at the lowest
+    score found."""
+    allowed = [set(rows) for rows in lists]
+    wanted = [min(k, len(rows)) for rows in allowed]
+    depth = min(corpus_size, max(4 * k, 64))
+    while True:
+        rows, scores = _ranked_lists(retriever.retrieve(queries, depth))
+        picked = [
+            [(r, s) for r, s in zip(row, score) if r in ok][:n]
+            for row, score, ok, n in zip(rows, scores, allowed, wanted)
+        ]
+        if depth >= corpus_size or all(len(p) == n for p, n in zip(picked, wanted)):
+            break
+        depth = min(corpus_size, depth * 4)
+    for found, rows, n in zip(picked, lists, wanted):
+        floor = min((s for _, s in found), default=0.0)
+        seen = {r for r, _ in found}
+        found += [(r, floor) for r in dict.fromkeys(rows) if r not in seen][: n - len(found)]
+    return pad_ranked([[r for r, _ in p] for p in picked], [[s for _, s in p] for p in picked])

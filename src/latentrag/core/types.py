@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from latentrag.core.errors import LatentragError
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -24,19 +26,49 @@ class Passage:
     title: str = ""
 
 
+class MissingAnswersError(LatentragError):
+    """An example without reference answers reached something that needs them (a generator)."""
+
+
 @dataclass(frozen=True)
 class Example:
-    """A question with its reference answers and, when known, the ids of its gold passages."""
+    """A question with, when known, its reference answers and the ids of its gold passages.
+
+    answers: reference answers (the first is the training target); empty in retrieval-only
+    data (BEIR), where only retrieval can be evaluated. gold_ids: the relevant passages;
+    gold_grades: their relevance grades (BEIR qrels), aligned with gold_ids, empty when all
+    are 1. candidate_ids: a closed candidate list (HotpotQA distractor, MS MARCO reranking):
+    when given, retrieval, reranking, training and evaluation see only these passages.
+    """
 
     id: str
     question: str
-    answers: tuple[str, ...]
+    answers: tuple[str, ...] = ()
     gold_ids: tuple[str, ...] = ()
+    candidate_ids: tuple[str, ...] = ()
+    gold_grades: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.gold_grades and len(self.gold_grades) != len(self.gold_ids):
+            raise ValueError(
+                f"example {self.id!r}: {len(self.gold_grades)} gold_grades for "
+                f"{len(self.gold_ids)} gold_ids"
+            )
 
     @property
     def target(self) -> str:
         """The answer used as the training target (the first reference)."""
+        if not self.answers:
+            raise MissingAnswersError(
+                f"example {self.id!r} has no answers, and the generator needs them (this data "
+                "only judges retrieval: evaluate without --qa and train no generator on it)"
+            )
         return self.answers[0]
+
+    def relevance(self) -> dict[str, int]:
+        """Gold passage id -> relevance grade (1 for every gold id without grades)."""
+        grades = self.gold_grades or (1,) * len(self.gold_ids)
+        return dict(zip(self.gold_ids, grades))
 
 
 class Corpus(Sequence[Passage]):

@@ -1,10 +1,21 @@
-"""Answer and retrieval metrics: EM, F1, sentence BLEU, recall@k, MRR@k.
+"""Answer and retrieval metrics: EM, F1, sub-EM, sentence BLEU; hit@k, recall@k, all@k,
+nDCG@k, MRR@k.
 
-Pure Python (no torch). EM and F1 follow the official SQuAD evaluation script: answers are
-lowercased, punctuation and the articles a/an/the removed, whitespace collapsed, and the
-score is the maximum over the reference answers. When normalisation leaves a prediction or a
-reference with no tokens, F1 is 1 if both are empty and 0 otherwise (as in the SQuAD v2.0
-script; v1.1 scores two empty strings 0 while calling them an exact match).
+Pure Python (no torch). EM and F1 are those of the official SQuAD v1.1 evaluation script:
+answers are lowercased, punctuation and the articles a/an/the removed, whitespace
+collapsed, and the score is the maximum over the reference answers; F1 is 0 when the
+prediction and a reference share no token, even when both normalise to nothing (where EM
+is 1: the script's behaviour, kept so that numbers compare with published ones). Sub-EM is
+1 when a normalised reference is a substring of the normalised prediction (a long
+generated answer that contains the reference).
+
+Retrieval metrics take the ranked passage ids of one question, best first, and its gold
+ids (or id -> grade): hit@k is 1 when any gold passage is in the top k (what latentrag
+called recall@k before); recall@k is the share of the gold passages in the top k
+(all-gold recall, trec_eval's and BEIR's recall; equal to hit@k with one gold passage);
+all@k is 1 when every gold passage is in the top k (HotpotQA's "both passages" number);
+nDCG@k uses linear gains (the grade) and log2(rank + 1) discounts, as trec_eval's
+ndcg_cut and BEIR; MRR@k is 1/rank of the first gold passage in the top k.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -42,8 +53,6 @@ def exact_match(prediction: str, answers: str | Sequence[str]) -> float:
 def _token_f1(prediction: str, reference: str) -> float:
     predicted = normalize_answer(prediction).split()
     gold = normalize_answer(reference).split()
-    if not predicted or not gold:
-        return float(predicted == gold)
     common = sum((Counter(predicted) & Counter(gold)).values())
     if common == 0:
         return 0.0
@@ -55,6 +64,17 @@ def _token_f1(prediction: str, reference: str) -> float:
 def f1(prediction: str, answers: str | Sequence[str]) -> float:
     """Token-overlap F1 of the normalised strings, maximised over the references."""
     return max(_token_f1(prediction, a) for a in _as_list(answers))
+
+
+def sub_exact_match(prediction: str, answers: str | Sequence[str]) -> float:
+    """1.0 if a normalised reference (not empty) is a substring of the normalised prediction
+    (plain substring, as FlashRAG's sub_em and Self-RAG's match: "1" is found in "10")."""
+    predicted = normalize_answer(prediction)
+    for answer in _as_list(answers):
+        reference = normalize_answer(answer)
+        if reference and reference in predicted:
+            return 1.0
+    return 0.0
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
@@ -93,10 +113,24 @@ def bleu(prediction: str, references: str | Sequence[str], max_n: int = 4) -> fl
     return brevity * math.exp(log_precision / max_n)
 
 
-def recall_at_k(ranked_ids: Sequence[str], gold_ids: Sequence[str], k: int) -> float:
+def hit_at_k(ranked_ids: Sequence[str], gold_ids: Sequence[str], k: int) -> float:
     """1.0 if any gold id is among the first k ranked ids, else 0.0."""
     gold = set(gold_ids)
     return float(any(pid in gold for pid in ranked_ids[:k]))
+
+
+def recall_at_k(ranked_ids: Sequence[str], gold_ids: Sequence[str], k: int) -> float:
+    """The share of the gold ids among the first k ranked ids (0.0 without gold ids)."""
+    gold = set(gold_ids)
+    if not gold:
+        return 0.0
+    return len(gold.intersection(ranked_ids[:k])) / len(gold)
+
+
+def all_at_k(ranked_ids: Sequence[str], gold_ids: Sequence[str], k: int) -> float:
+    """1.0 if every gold id is among the first k ranked ids (0.0 without gold ids)."""
+    gold = set(gold_ids)
+    return float(bool(gold) and gold.issubset(ranked_ids[:k]))
 
 
 def mrr_at_k(ranked_ids: Sequence[str], gold_ids: Sequence[str], k: int) -> float:
@@ -106,3 +140,16 @@ def mrr_at_k(ranked_ids: Sequence[str], gold_ids: Sequence[str], k: int) -> floa
         if pid in gold:
             return 1.0 / rank
     return 0.0
+
+
+def ndcg_at_k(ranked_ids: Sequence[str], relevance: Mapping[str, float], k: int) -> float:
+    """DCG of the first k ranked ids over the DCG of the ideal order of the judged ones:
+    gain = grade, discount = log2(rank + 1); ids with grade <= 0 gain nothing."""
+    dcg = sum(
+        relevance.get(pid, 0) / math.log2(rank + 1)
+        for rank, pid in enumerate(ranked_ids[:k], start=1)
+        if relevance.get(pid, 0) > 0
+    )
+    ideal = sorted((g for g in relevance.values() if g > 0), reverse=True)[:k]
+    best = sum(g / math.log2(rank + 1) for rank, g in enumerate(ideal, start=1))
+    return dcg / best if best > 0 else 0.0

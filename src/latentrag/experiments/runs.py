@@ -48,6 +48,8 @@ def load_run_data(resolved: ResolvedConfig, config_path: Path) -> RunData:
     the file and line when it is bad."""
     settings = resolved.pipeline.data
     dataset = load_dataset(settings, base=config_path.parent)
+    if "generator" in resolved.components:  # retrieval-only data has no answers to train on
+        dataset.require_answers("train", "dev")
     train = dataset.split("train", settings.max_train)
     dev = dataset.split("dev", settings.max_eval)
     return RunData(dataset.corpus, train, dev)

@@ -31,6 +31,16 @@ class DPRConfig(StrictModel):
     hnsw_m: int = Field(32, ge=2, description="HNSW neighbours per node")
     ef_construction: int = Field(80, ge=1)
     ef_search: int = Field(64, ge=1)
+    index_factory: str | None = Field(
+        None,
+        description="a faiss factory string (e.g. 'IVF1024,PQ32', 'HNSW32'); overrides index",
+    )
+    train_sample: int = Field(
+        100_000, ge=1, description="vectors an index that needs training (IVF, PQ) trains on"
+    )
+    encode_chunk: int = Field(
+        8192, ge=1, description="passages encoded per step: what a killed build resumes from"
+    )
     index_dir: str | None = Field(None, description="where the index is saved and reused")
     refresh_every: int = Field(
         0,

@@ -1,16 +1,21 @@
 """DPR-style dense retriever: a query encoder and a passage encoder over a faiss index.
 
 Both encoders start from the same weights (the packaged all-MiniLM-L6-v2 by default) and
-are separate modules unless `shared_encoders`. The corpus is encoded once into a faiss
-inner-product index, saved with a manifest when `index_dir` is set and reused while the
-corpus and passage encoder are unchanged. `score()` is differentiable in the query encoder
-(and in the passage encoder when `train_passage_encoder`), so the retriever can be the
-prior p(h|x) or, reading "question answer", the posterior q(h|x,y).
+are separate modules unless `shared_encoders`. The corpus is encoded a chunk at a time into
+a memory-mapped vector file shared with the faiss index (`faiss_index`: flat, IVF, HNSW or
+any faiss factory string), saved with a manifest when `index_dir` is set (a killed build
+resumes there) and reused while the corpus and passage encoder are unchanged; without
+`index_dir` the files live in a temporary folder. `score()` is differentiable in the query
+encoder (and in the passage encoder when `train_passage_encoder`), so the retriever can be
+the prior p(h|x) or, reading "question answer", the posterior q(h|x,y).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +29,12 @@ from latentrag.plugins.dpr import DPRConfig
 from latentrag.plugins.dpr.faiss_index import (
     IndexManifest,
     IndexOptions,
-    build_index,
+    VectorStore,
+    build_store,
+    copy_store,
     has_index,
-    load_index,
-    save_index,
+    open_store,
     search,
-    stored_vectors,
 )
 from latentrag.plugins.encoders import SentenceEncoder, load_sentence_encoder, state_fingerprint
 
@@ -46,7 +51,18 @@ def index_options(config: DPRConfig) -> IndexOptions:
         hnsw_m=config.hnsw_m,
         ef_construction=config.ef_construction,
         ef_search=config.ef_search,
+        factory=config.index_factory,
+        train_sample=config.train_sample,
+        chunk=config.encode_chunk,
     )
+
+
+class _TemporaryFolder:
+    """A folder removed when the object holding it is collected (or at exit)."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="latentrag-dpr-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
 
 
 class DPRRetriever(Retriever, nn.Module):
@@ -57,14 +73,16 @@ class DPRRetriever(Retriever, nn.Module):
         self.config = config or DPRConfig()
         cfg = self.config
         self.query_encoder = load_sentence_encoder(
-            cfg.model, cfg.seed, cfg.max_length, cfg.normalize
+            cfg.model, cfg.seed, cfg.max_length, cfg.normalize, cfg.precision
         )
         self.passage_encoder = self.query_encoder if cfg.shared_encoders else self._copy()
         self.corpus: Corpus | None = None
         self._texts: list[str] = []
-        self._index = None
-        self._vectors: Tensor | None = None  # [N,D] passage vectors, rows as in the corpus
+        self._store: VectorStore | None = None
+        self._scratch: _TemporaryFolder | None = None  # holds the store without index_dir
         self._model_fingerprint = ""
+        #: called with the rows encoded after each chunk of a build (tests, benchmarks)
+        self.on_chunk: Callable[[int], None] | None = None
         self.eval()  # like a loaded pretrained model; the trainer switches to train mode
 
     def _copy(self) -> SentenceEncoder:
@@ -76,6 +94,17 @@ class DPRRetriever(Retriever, nn.Module):
     def refresh_every(self) -> int:
         return self.config.refresh_every
 
+    @property
+    def _index(self):
+        return None if self._store is None else self._store.index
+
+    @property
+    def _vectors(self) -> Tensor | None:
+        """The passage vectors [N,D], rows as in the corpus (a view of the memory map)."""
+        if self._store is None:
+            return None
+        return torch.from_numpy(np.asarray(self._store.vectors))
+
     def trainable_modules(self) -> dict[str, nn.Module]:
         modules: dict[str, nn.Module] = {"query_encoder": self.query_encoder}
         if self.config.train_passage_encoder and not self.config.shared_encoders:
@@ -86,7 +115,8 @@ class DPRRetriever(Retriever, nn.Module):
 
     def index(self, corpus: Corpus) -> None:
         """Load the saved index from `index_dir` when there is one (refusing a stale one),
-        else encode the corpus, build the index and save it there."""
+        else encode the corpus (resuming an interrupted build there), build the index and
+        save it there."""
         directory = self._index_dir()
         if directory is not None and has_index(directory):
             self.load(directory, corpus)
@@ -94,28 +124,46 @@ class DPRRetriever(Retriever, nn.Module):
             self.build(corpus)
 
     def build(self, corpus: Corpus) -> None:
-        """Encode `corpus` and build its index, overwriting any saved one in `index_dir`."""
+        """Encode `corpus` and build its index in `index_dir` (resuming a build of the same
+        corpus, weights and settings that was interrupted there; replacing any other)."""
         self._attach(corpus)
-        self.refresh()
         directory = self._index_dir()
-        if directory is not None:
-            self.save(directory)
+        self._encode_store(directory)
 
     def refresh(self) -> None:
-        """Re-encode the corpus with the current passage encoder and rebuild the index in
-        memory (the saved index keeps describing the configured weights)."""
+        """Re-encode the corpus with the current passage encoder and rebuild the index in a
+        temporary folder (the saved index keeps describing the configured weights)."""
         self._require_corpus()
-        vectors = self.passage_encoder.encode(
-            self._texts, self.config.batch_size, progress=len(self._texts) > PROGRESS_THRESHOLD
+        self._encode_store(None)
+
+    def _encode_store(self, directory: Path | None) -> None:
+        fingerprint = state_fingerprint(self.passage_encoder)
+        scratch = None
+        if directory is None:
+            scratch = _TemporaryFolder()
+            directory = scratch.path
+        encoder, texts, size = self.passage_encoder, self._texts, self.config.batch_size
+
+        def encode(start: int, end: int) -> np.ndarray:
+            return encoder.encode(texts[start:end], size).numpy()
+
+        self._store = None  # let a previous scratch folder go before the new one fills
+        self._store = build_store(
+            directory,
+            encode,
+            self.corpus.ids,
+            self._manifest(fingerprint),
+            index_options(self.config),
+            progress=len(texts) > PROGRESS_THRESHOLD,
+            on_chunk=self.on_chunk,
         )
-        self._index = build_index(vectors.numpy(), index_options(self.config))
-        self._vectors = vectors
-        self._model_fingerprint = state_fingerprint(self.passage_encoder)
+        self._scratch = scratch
+        self._model_fingerprint = fingerprint
 
     def save(self, directory: Path) -> None:
-        """Write the index and its manifest to `directory` (atomically)."""
+        """Write the index, its vectors, ids and manifest to `directory` (atomically)."""
         self._require_index()
-        save_index(Path(directory), self._index, self._manifest(self._model_fingerprint))
+        copy_store(self._store, Path(directory), self._manifest(self._model_fingerprint))
 
     def load(self, directory: Path, corpus: Corpus | None = None) -> None:
         """Load a saved index for `corpus` (default: the indexed one); StaleIndexError when
@@ -125,15 +173,14 @@ class DPRRetriever(Retriever, nn.Module):
         self._require_corpus()
         fingerprint = state_fingerprint(self.passage_encoder)
         expected = self._manifest(fingerprint)
-        index = load_index(Path(directory), expected, index_options(self.config))
-        self._index = index
-        self._vectors = torch.from_numpy(stored_vectors(index))
+        self._store = open_store(Path(directory), expected, index_options(self.config))
+        self._scratch = None
         self._model_fingerprint = fingerprint
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Load trained weights; re-encode the corpus when the passage encoder changed."""
         super().load_state_dict(state)
-        if self._index is not None and state_fingerprint(self.passage_encoder) != (
+        if self._store is not None and state_fingerprint(self.passage_encoder) != (
             self._model_fingerprint
         ):
             self.refresh()
@@ -149,13 +196,13 @@ class DPRRetriever(Retriever, nn.Module):
             model_fingerprint=model_fingerprint,
             corpus_fingerprint=self.corpus.fingerprint(),
             dims=self.passage_encoder.dim,
-            index_type=options.type,
+            index_type="factory" if options.factory else options.type,
             num_vectors=len(self.corpus),
             encoder_settings={
                 **self.passage_encoder.settings(),
                 "with_title": self.config.with_title,
             },
-            index_params=options.structure(),
+            index_params=options.structure(len(self.corpus)),
             model=self.config.model,
         )
 
@@ -167,7 +214,7 @@ class DPRRetriever(Retriever, nn.Module):
             raise LatentragError("dpr retriever: call index(corpus) first")
 
     def _require_index(self) -> None:
-        if self._index is None:
+        if self._store is None:
             raise LatentragError("dpr retriever: call index(corpus) before searching or saving")
 
     # -- search and scoring --------------------------------------------------------------
@@ -178,7 +225,7 @@ class DPRRetriever(Retriever, nn.Module):
         if not 1 <= k <= size:
             raise LatentragError(f"dpr retriever: k = {k} but the corpus has {size} passages")
         vectors = self.query_encoder.encode(queries, self.config.batch_size)
-        scores, rows = search(self._index, vectors.numpy(), k)
+        scores, rows = search(self._store.index, vectors.numpy(), k)
         found = rows >= 0  # approximate indexes may return fewer than k
         indices = torch.from_numpy(np.where(found, rows, 0)).long()
         scores = torch.from_numpy(np.where(found, scores, 0.0)).float()
@@ -197,8 +244,8 @@ class DPRRetriever(Retriever, nn.Module):
         return torch.einsum("bd,bkd->bk", query_vectors, passage_vectors.to(query_vectors.device))
 
     def _passage_vectors(self, rows: Tensor) -> Tensor:
-        if not self.config.train_passage_encoder:
-            return self._vectors[rows]
+        if not self.config.train_passage_encoder:  # only the rows asked for leave the map
+            return torch.from_numpy(self._store.vectors[rows.numpy()])
         unique, inverse = torch.unique(rows, return_inverse=True)
         texts = [self._texts[row] for row in unique.tolist()]
         return self._embed(self.passage_encoder, texts)[inverse]
