@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/frozen_reader.py [--steps 3] [--batch-size 2] [--k 4]
         [--keep 2] [--max-passage-tokens 128] [--cache-mb 256] [--rss-budget-mb 4096]
+        [--dtype float32] [--precision float32]
 
 Two estimators on the shipped SQuAD slice, each over the same `--steps` batches of
 training questions, in one process:
@@ -147,6 +148,8 @@ def grerank_pipeline(args, corpus) -> Pipeline:
         f"reranker.k={args.keep}",
         f"generator.max_passage_tokens={args.max_passage_tokens}",
         f"generator.passage_cache_mb={args.cache_mb}",
+        f"generator.dtype={args.dtype}",
+        f"reranker.inner.precision={args.precision}",
     ]
     return Pipeline.from_config(load_config(GRERANK, overrides), corpus)
 
@@ -155,8 +158,13 @@ def topk_pipeline(args, corpus, generator) -> Pipeline:
     """Bi-encoder top-K reading with the G-Rerank pipeline's generator (loaded once)."""
     data = {
         "data": {"source": "squad-slice"},
-        "retriever": {"name": "dpr", "model": "minilm"},
-        "generator": {"name": "hf-causal-lm", "model": "smollm2", "freeze": True},
+        "retriever": {"name": "dpr", "model": "minilm", "precision": args.precision},
+        "generator": {
+            "name": "hf-causal-lm",
+            "model": "smollm2",
+            "freeze": True,
+            "dtype": args.dtype,
+        },
         "estimator": {"name": "topk", "k": args.k},
     }
     resolved = resolve(data, "<frozen_reader top-K>")
@@ -247,6 +255,19 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=2, help="k of G-Rerank's relaxed mask")
     parser.add_argument("--max-passage-tokens", type=int, default=128)
     parser.add_argument("--cache-mb", type=float, default=256.0)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "auto"],
+        help="the reader's weights (float32: the 1e-4 check is about float32 tolerance)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "bfloat16", "bf16-mixed", "auto"],
+        help="the trained encoders' precision (in bfloat16, the reader's float32 rounding "
+        "differences reach the gradients at bfloat16's resolution, ~1e-2 here)",
+    )
     parser.add_argument("--rss-budget-mb", type=float, default=4096.0)
     parser.add_argument(
         "--threads", type=int, default=1, help="1: small ops do not wait on a busy core"

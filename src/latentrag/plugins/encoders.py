@@ -4,11 +4,22 @@ A model is named by a string: "minilm" (the packaged all-MiniLM-L6-v2), "tiny-ra
 2-layer BERT with hidden size 32 and a fixed WordPiece vocabulary, random weights drawn
 under a seed: for tests) or a local directory holding a transformers / sentence-transformers
 model. Nothing is ever downloaded.
+
+Precision (`set_precision`, the `precision` key of the dpr and cross-encoder configs):
+"float32"; "bfloat16", the weights themselves in bfloat16 (half the memory, fastest; for
+inference or frozen encoders: AdamW steps smaller than bfloat16's resolution are lost);
+"bf16-mixed", float32 weights and gradients with the forward under bfloat16 autocast (for
+training). Whatever the precision, the transformer's floating outputs are float32.
+"auto" (the default) is bf16-mixed for a pretrained model on a CPU that computes bfloat16
+natively (avx512_bf16 or AMX) and float32 otherwise (and always for "tiny-random", whose
+numbers tests compare): benchmarks/precision.py measured MiniLM at 2.0x float32's
+passages/s with the slice's dev hit@1/5 within 0.005 (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import string
@@ -28,6 +39,9 @@ from latentrag.core.errors import ConfigError
 MINILM = "minilm"
 TINY_RANDOM = "tiny-random"
 Pooling = Literal["mean", "cls"]
+Precision = Literal["float32", "bfloat16", "bf16-mixed"]
+PrecisionSetting = Literal["auto", "float32", "bfloat16", "bf16-mixed"]
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 _SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Whole words so that tiny-random tokenizes common text into a few pieces, not only letters.
@@ -118,15 +132,92 @@ def pooling_of(directory: Path) -> Pooling:
     return "cls" if settings.get("pooling_mode_cls_token") else "mean"
 
 
-def load_transformer(model: str, seed: int = 0) -> tuple[nn.Module, BertTokenizer]:
-    """The transformer body and its tokenizer for a model name (see module docstring)."""
+def load_transformer(
+    model: str, seed: int = 0, precision: PrecisionSetting = "float32"
+) -> tuple[nn.Module, BertTokenizer]:
+    """The transformer body and its tokenizer for a model name (see module docstring), set
+    to compute in `precision` ("auto": see `resolve_precision`)."""
+    precision = resolve_precision(precision, model)
     if model == TINY_RANDOM:
-        return tiny_random_bert(seed)
-    directory = model_dir(model)
-    directory = _module_path(directory, "Transformer") or directory
-    transformer = AutoModel.from_pretrained(directory, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    return transformer, tokenizer
+        transformer, tokenizer = tiny_random_bert(seed)
+    else:
+        directory = model_dir(model)
+        directory = _module_path(directory, "Transformer") or directory
+        transformer = AutoModel.from_pretrained(directory, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return set_precision(transformer, precision), tokenizer
+
+
+# -- precision ---------------------------------------------------------------------------
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (avx512_bf16 or AMX; read from Linux's
+    /proc/cpuinfo, False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return bool(_NATIVE_BF16_FLAGS & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: PrecisionSetting, model: str) -> Precision:
+    """`precision`, with "auto" made bf16-mixed for a pretrained model on a CPU with native
+    bfloat16, float32 otherwise (see the module docstring)."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if model != TINY_RANDOM and native_bf16() else "float32"
+
+
+def _enter_autocast(module: nn.Module, args) -> None:
+    device_type = next(module.parameters()).device.type
+    context = torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    context.__enter__()
+    module._autocast_contexts.append(context)
+
+
+def _exit_autocast(module: nn.Module, args, output):
+    module._autocast_contexts.pop().__exit__(None, None, None)
+
+
+def _float32_outputs(module: nn.Module, args, output):
+    """The forward's floating tensors (top level of a ModelOutput, tuple or tensor) as float32."""
+    if isinstance(output, Tensor):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, dict):  # transformers' ModelOutput
+        for key, value in output.items():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                output[key] = value.float()
+        return output
+    if isinstance(output, tuple):
+        return type(output)(_float32_outputs(module, args, value) for value in output)
+    return output
+
+
+def set_precision(transformer: nn.Module, precision: Precision) -> nn.Module:
+    """Make `transformer` compute in `precision` (see the module docstring), in place; its
+    outputs stay float32, so heads, pooling and scores downstream are unchanged. The hooks
+    are plain functions, so `copy.deepcopy` gives an independent module with the same
+    precision."""
+    if getattr(transformer, "latentrag_precision", "float32") != "float32":
+        raise ValueError(f"precision already set to {transformer.latentrag_precision!r}")
+    if precision not in ("float32", "bfloat16", "bf16-mixed"):
+        raise ValueError(f"precision must be float32, bfloat16 or bf16-mixed, not {precision!r}")
+    transformer.latentrag_precision = precision
+    if precision == "float32":
+        return transformer
+    if precision == "bfloat16":
+        transformer.to(torch.bfloat16)
+    else:
+        transformer._autocast_contexts = []
+        transformer.register_forward_pre_hook(_enter_autocast)
+        transformer.register_forward_hook(_exit_autocast, always_call=True)
+    transformer.register_forward_hook(_float32_outputs)
+    return transformer
 
 
 def check_max_length(transformer: nn.Module, max_length: int, key: str = "max_length") -> None:
@@ -183,9 +274,20 @@ class SentenceEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def precision(self) -> Precision:
+        return getattr(self.transformer, "latentrag_precision", "float32")
+
     def settings(self) -> dict:
         """What besides the weights decides the vectors (recorded in index manifests)."""
-        return {"pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length}
+        settings = {
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "max_length": self.max_length,
+        }
+        if self.precision != "float32":  # float32 manifests stay as they were
+            settings["precision"] = self.precision
+        return settings
 
     def clone(self) -> SentenceEncoder:
         """An independent copy of the weights sharing the (stateless) tokenizer."""
@@ -255,9 +357,13 @@ class SentenceEncoder(nn.Module):
 
 
 def load_sentence_encoder(
-    model: str, seed: int = 0, max_length: int = 128, normalize: bool = True
+    model: str,
+    seed: int = 0,
+    max_length: int = 128,
+    normalize: bool = True,
+    precision: PrecisionSetting = "float32",
 ) -> SentenceEncoder:
     """A SentenceEncoder for a model name, with the pooling its directory declares."""
-    transformer, tokenizer = load_transformer(model, seed)
+    transformer, tokenizer = load_transformer(model, seed, precision)
     pooling: Pooling = "mean" if model == TINY_RANDOM else pooling_of(model_dir(model))
     return SentenceEncoder(transformer, tokenizer, pooling, normalize, max_length)

@@ -19,6 +19,12 @@ class CrossEncoderConfig(StrictModel):
     batch_size: int = Field(32, ge=1, description="pairs per encoder forward")
     pooling: Literal["cls", "mean"] = "cls"
     freeze_encoder: bool = Field(False, description="train only the scoring head")
+    precision: Literal["auto", "float32", "bfloat16", "bf16-mixed"] = Field(
+        "auto",
+        description="encoder compute: float32; bfloat16 weights (inference, frozen encoders); "
+        "bf16-mixed (float32 weights, bfloat16 autocast: training); auto: bf16-mixed on a CPU "
+        "with native bfloat16, else float32",
+    )
     seed: int = Field(0, description="initialises the head (and the weights of 'tiny-random')")
 
 

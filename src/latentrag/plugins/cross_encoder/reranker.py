@@ -25,7 +25,7 @@ class CrossEncoderReranker(Reranker, nn.Module):
         nn.Module.__init__(self)
         self.config = config or CrossEncoderConfig()
         cfg = self.config
-        self.encoder, self.tokenizer = load_transformer(cfg.model, cfg.seed)
+        self.encoder, self.tokenizer = load_transformer(cfg.model, cfg.seed, cfg.precision)
         check_max_length(self.encoder, cfg.max_length)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)

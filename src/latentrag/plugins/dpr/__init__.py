@@ -25,6 +25,12 @@ class DPRConfig(StrictModel):
     max_length: int = Field(128, ge=8)
     batch_size: int = Field(64, ge=1)
     normalize: bool = True
+    precision: Literal["auto", "float32", "bfloat16", "bf16-mixed"] = Field(
+        "auto",
+        description="encoder compute: float32; bfloat16 weights (inference, frozen encoders); "
+        "bf16-mixed (float32 weights, bfloat16 autocast: training); auto: bf16-mixed on a CPU "
+        "with native bfloat16, else float32",
+    )
     index: IndexType = "flat"
     nlist: int = Field(100, ge=1, description="IVF lists (capped at one per 39 passages)")
     nprobe: int = Field(8, ge=1, description="IVF lists searched per query")

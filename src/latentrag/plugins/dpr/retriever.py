@@ -73,7 +73,7 @@ class DPRRetriever(Retriever, nn.Module):
         self.config = config or DPRConfig()
         cfg = self.config
         self.query_encoder = load_sentence_encoder(
-            cfg.model, cfg.seed, cfg.max_length, cfg.normalize
+            cfg.model, cfg.seed, cfg.max_length, cfg.normalize, cfg.precision
         )
         self.passage_encoder = self.query_encoder if cfg.shared_encoders else self._copy()
         self.corpus: Corpus | None = None

@@ -36,7 +36,11 @@ class HFGeneratorConfig(StrictModel):
     max_passage_tokens: int = Field(128, ge=1)
     max_new_tokens: int = Field(16, ge=1)
     batch_size: int = Field(16, ge=1, description="sequences per forward pass")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="weights' dtype; auto: bfloat16 for a pretrained model that is frozen or "
+        "trained through LoRA, on a CPU with native bfloat16; float32 otherwise",
+    )
     lora: LoraSettings | None = None
     freeze: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
