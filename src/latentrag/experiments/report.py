@@ -237,8 +237,9 @@ class Difference:
 
 
 def _signed(value: float) -> str:
-    """+0.105, -0.003; 3 significant digits below 0.01 (+0.00042), never -0.000."""
-    if abs(value) < 5e-10:
+    """+0.105, -0.003; 2 significant digits below 0.01 (+0.00042), never -0.000; float
+    noise (|value| < 1e-6, e.g. two recalls of 0.3 computed in float32) is +0."""
+    if abs(value) < 1e-6:
         return "+0"
     return f"{value:+.3f}" if abs(value) >= 0.01 else f"{value:+.2g}"
 
