@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,16 @@ class TrainConfig(StrictModel):
     eval_qa: bool = Field(False, description="periodic eval also generates answers (EM/F1)")
     refresh_index_every: int = Field(0, ge=0)
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    device: str = Field(
+        "auto",
+        description="where training runs: 'auto' (a GPU when present, else the CPU), 'cpu', "
+        "'cuda', 'cuda:N' or 'mps'",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="autocast for the estimator's forward pass: 'fp32' (none), 'bf16', "
+        "'fp16' (with a gradient scaler; GPUs only)",
+    )
     keep_optimizer: bool = Field(
         True,
         description="the final checkpoint of a finished run keeps the optimizer state "
@@ -186,6 +197,13 @@ class TrainConfig(StrictModel):
     def _no_clipping(cls, value: Any) -> Any:
         """None (Python callers; TOML has no null) means no clipping, like 0."""
         return 0.0 if value is None else value
+
+    @field_validator("device")
+    @classmethod
+    def _device_spelling(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            raise ValueError(f"{device!r} is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return device
 
     @field_validator("loggers")
     @classmethod

@@ -73,7 +73,7 @@ def pad_rows(rows: Sequence[Sequence[int]]) -> Candidates:
 def masked_log_softmax(scores: Tensor, mask: Tensor | None, temperature: float) -> Tensor:
     logits = scores / temperature
     if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
+        logits = logits.masked_fill(~mask.to(logits.device), float("-inf"))
     return torch.log_softmax(logits, dim=-1)
 
 
@@ -294,10 +294,12 @@ class Pipeline:
             texts = [p for (p,) in passages]
             flat = self.loglik_cache.loglik(self.generator, queries, texts, targets, reduce, score)
         gather = torch.tensor(
-            [slot.get((b, r), 0) for (b, r), _ in _cells(rows, valid)], dtype=torch.long
+            [slot.get((b, r), 0) for (b, r), _ in _cells(rows, valid)],
+            dtype=torch.long,
+            device=flat.device,  # the generator's device
         ).view(rows.shape)
         out = flat[gather]
-        return out.masked_fill(~valid, 0.0)
+        return out.masked_fill(~valid.to(flat.device), 0.0)
 
     def token_logprobs(self, batch: Batch, candidates: Candidates) -> tuple[Tensor, Tensor]:
         assert self.generator is not None, "no [generator] configured"

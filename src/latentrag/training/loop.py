@@ -43,6 +43,7 @@ from latentrag.evaluation.measure import Measure, measure_with
 from latentrag.training import distributed, gradients
 from latentrag.training.checkpointer import Checkpointer, TrainState
 from latentrag.training.determinism import DataOrder, deterministic_algorithms, seed_everything
+from latentrag.training.device import Precision, place, resolve_device
 from latentrag.training.errors import TrainingError
 from latentrag.training.index_refresh import IndexRefresh
 from latentrag.training.optimizer import RoleParameters, build_optimizer, learning_rates
@@ -100,6 +101,9 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         self._check_batch_divides()
+        self.device = resolve_device(self.settings.device, config.source)
+        self.precision = Precision(self.settings.precision, self.device, config.source)
+        place(pipeline, self.device)  # before the optimizer, which holds the parameters
 
         self.parameters = RoleParameters(pipeline)
         self.parameters.freeze_untrained()
@@ -172,6 +176,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     record = {"step": step, **self._accumulate_gradients(step)}
                     state.last_loss = record["loss"]
+                    self.precision.unscale(self.optimizer)
                     norms = gradients.grad_norms(self.parameters)
                     # 2. a non-finite loss or gradient stops the run, or skips the step
                     problem = gradients.nonfinite(record["loss"], norms, self.parameters)
@@ -181,11 +186,12 @@ class Trainer:
                     if problem:
                         state.skipped_steps += 1
                         self.optimizer.zero_grad(set_to_none=True)
+                        self.precision.skip()
                     else:
                         # 3. clip the gradient and update the parameters
                         max_norm = settings.max_grad_norm
                         record["grad_norm"] = gradients.clip(norms, self.parameters, max_norm)
-                        self.optimizer.step()
+                        self.precision.step(self.optimizer)
                     # 4. log the step
                     record.update(skipped=bool(problem), skipped_steps=state.skipped_steps)
                     record["lr"] = learning_rates(self.optimizer)
@@ -232,9 +238,10 @@ class Trainer:
             rows = self.state.order.take(self.settings.batch_size)  # the same on every rank
             rows = distributed.shard(rows, self.rank, self.world)
             batch = Batch([self.train_examples[i] for i in rows])
-            out = self.estimator.loss(batch, self.pipeline)
+            with self.precision.autocast():
+                out = self.estimator.loss(batch, self.pipeline)
             if out.loss.requires_grad:
-                (out.loss / accum).backward()
+                self.precision.backward(out.loss.float() / accum)
             elif math.isfinite(out.loss.item()):
                 raise TrainingError(
                     f"step {step}: the estimator's loss has no gradient "
