@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -562,3 +562,124 @@ def _fid_labels(tokenizer, targets: Sequence[str]) -> Tensor:
     rows = [_tokens(tokenizer, t) + [tokenizer.eos_token_id] for t in targets]
     width = max(len(r) for r in rows)
     return torch.tensor([r + [-100] * (width - len(r)) for r in rows])
+
+
+def fid_encode(
+    model,
+    tokenizer,
+    queries: Sequence[str],
+    passages: Sequence[Sequence[str]],
+    template: str = FID_TEMPLATE,
+    max_passage_tokens: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The K encodings of each query fused side by side [B, K*Lp, H], and the 0/1 encoder
+    mask [B,K,Lp] (on the model's device)."""
+    device = _model_device(model)
+    ids, mask = _fid_encoder_inputs(tokenizer, queries, passages, template, max_passage_tokens)
+    batch, k, width = ids.shape
+    encoded = model.get_encoder()(
+        input_ids=ids.view(batch * k, width).to(device),
+        attention_mask=mask.view(batch * k, width).to(device),
+    ).last_hidden_state
+    return encoded.reshape(batch, k * width, -1), mask.to(device)
+
+
+@torch.no_grad()
+def fid_generate(
+    model,
+    tokenizer,
+    queries: Sequence[str],
+    passages: Sequence[Sequence[str]],
+    doc_log_mask: Tensor | None = None,
+    max_new_tokens: int = 16,
+    template: str = FID_TEMPLATE,
+    max_passage_tokens: int | None = None,
+) -> list[str]:
+    """Greedy Fusion-in-Decoder answers: the decoder reads all K encodings with log m_k
+    added towards passage k (the hard top-k mask at inference: 0 or LOG_ZERO), as
+    `fid_loglik` scores them. Stops at EOS; special tokens stripped."""
+    fused, mask = fid_encode(model, tokenizer, queries, passages, template, max_passage_tokens)
+    start = model.config.decoder_start_token_id
+    eos = tokenizer.eos_token_id
+    batch = len(queries)
+    out = torch.full((batch, 1), start, dtype=torch.long, device=fused.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=fused.device)
+    for _ in range(max_new_tokens):
+        cross = fid_cross_attention_mask(mask, doc_log_mask, out.shape[1], fused.dtype)
+        logits = model(
+            encoder_outputs=(fused,), attention_mask=cross, decoder_input_ids=out, use_cache=False
+        ).logits[:, -1]
+        step = logits.argmax(-1).masked_fill(done, eos)
+        out = torch.cat([out, step[:, None]], dim=1)
+        done |= step == eos
+        if bool(done.all()):
+            break
+    return [text.strip() for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def joint_generate(
+    model,
+    tokenizer,
+    queries: Sequence[str],
+    passages: Sequence[Sequence[str]],
+    doc_log_mask: Tensor | None = None,
+    prompt: JointPrompt = JointPrompt(),
+    max_new_tokens: int = 16,
+    stop_ids: Sequence[int] = (),
+) -> list[str]:
+    """Greedy answers of a decoder-only LM reading the K passages in parallel, as
+    `joint_loglik` scores them: the answer continues the question, sees passage k with
+    the bias doc_log_mask[:, k] (at inference the hard top-k mask: 0 or LOG_ZERO).
+    Recomputes the whole layout per token (no cache): meant for short answers."""
+    stops = set(stop_ids) | {tokenizer.eos_token_id}
+    bare = replace(prompt, answer="", answer_eos=False)  # the answer is generated here
+    pieces = [
+        example_pieces(tokenizer, q, ps, "", bare) for q, ps in zip(queries, passages, strict=True)
+    ]
+    answers: list[list[int]] = [[] for _ in queries]
+    done = [False] * len(queries)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for _ in range(max_new_tokens):
+        rows = [
+            ExamplePieces(p.passages, p.question, answer)
+            for p, answer in zip(pieces, answers, strict=True)
+        ]
+        layout = _pieces_batch(rows, pad_id)
+        logits = joint_forward(model, layout, doc_log_mask, keep=1)[:, -1]
+        for b, token in enumerate(logits.argmax(-1).tolist()):
+            if not done[b]:
+                done[b] = token in stops
+                if not done[b]:
+                    answers[b].append(token)
+        if all(done):
+            break
+    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+    return [text.split("\n", 1)[0].strip() for text in texts]
+
+
+def _pieces_batch(rows: Sequence[ExamplePieces], pad_id: int) -> JointLayout:
+    """The left-padded joint layout of token pieces (the answer may be empty)."""
+    flat = []
+    for pieces in rows:
+        ids: list[int] = []
+        positions: list[int] = []
+        segments: list[int] = []
+        for k, tokens in enumerate(pieces.passages):
+            ids += tokens
+            positions += range(len(tokens))
+            segments += [k] * len(tokens)
+        start = max((p + 1 for p in positions), default=0)
+        tail = pieces.question + pieces.answer
+        ids += tail
+        positions += range(start, start + len(tail))
+        segments += [len(pieces.passages)] * len(tail)
+        is_answer = [False] * (len(ids) - len(pieces.answer)) + [True] * len(pieces.answer)
+        flat.append((ids, positions, segments, is_answer))
+    length = max(len(ids) for ids, *_ in flat)
+    fills = ((pad_id, torch.long), (0, torch.long), (PAD_SEGMENT, torch.long), (False, torch.bool))
+    columns = []
+    for index, (fill, dtype) in enumerate(fills):
+        padded = [[fill] * (length - len(row[0])) + row[index] for row in flat]
+        columns.append(torch.tensor(padded, dtype=dtype))
+    return JointLayout(*columns, num_passages=len(rows[0].passages))

@@ -21,6 +21,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 from latentrag.toy.corpus import toy_corpus, toy_examples
@@ -132,6 +134,31 @@ def tiny_gpt2(
         **_special_ids(tokenizer),
     )
     return _seeded(GPT2LMHeadModel, config, seed)
+
+
+def tiny_t5(
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    seed: int = 0,
+) -> T5ForConditionalGeneration:
+    """A randomly initialised T5ForConditionalGeneration (dropout off) sized for `tokenizer`;
+    the decoder starts from <pad>, as T5's does."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=hidden,
+        d_kv=hidden // heads,
+        d_ff=2 * hidden,
+        num_layers=layers,
+        num_heads=heads,
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return _seeded(T5ForConditionalGeneration, config, seed)
 
 
 def _seeded(model_class, config, seed: int):

@@ -1,0 +1,57 @@
+"""The `hf-seq2seq` generator plugin (T5, BART, Flan-T5): its config model and hook (no
+torch, no transformers: see `generator.py`). The model name is checked here, without
+loading it."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from latentrag import hookimpl
+from latentrag.core.config import StrictModel
+
+DEFAULT_TEMPLATE = "question: {question} context: {passage}"
+TINY_MODELS = ("tiny-t5",)
+
+
+class HFSeq2SeqConfig(StrictModel):
+    model: str = Field("tiny-t5", description="'tiny-t5' (tests) or a local model directory")
+    template: str = Field(
+        DEFAULT_TEMPLATE, description="the encoder's text for one (question, passage) pair"
+    )
+    max_passage_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="sequences per forward pass")
+    freeze: bool = False
+    seed: int = 0
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value in TINY_MODELS or Path(value).expanduser().is_dir():
+            return value
+        raise ValueError(f"{value!r} is neither one of {', '.join(TINY_MODELS)} nor a directory")
+
+    @field_validator("template")
+    @classmethod
+    def _template_fields(cls, value: str) -> str:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a format string: {exc}") from None
+        if fields != {"question", "passage"}:
+            raise ValueError(f"must use exactly {{question}} and {{passage}}, found {fields}")
+        return value
+
+
+@hookimpl
+def register_components(register) -> None:
+    register(
+        "generator",
+        "hf-seq2seq",
+        "latentrag.plugins.hf_seq2seq.generator:HFSeq2SeqGenerator",
+        HFSeq2SeqConfig,
+        "Encoder-decoder LM (T5, BART): per-passage scores, Fusion-in-Decoder joint reading",
+    )
