@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizer
 
 from latentrag.core.errors import ConfigError
+from latentrag.plugins.hub_models import local_model_dir
 
 MINILM = "minilm"
 TINY_RANDOM = "tiny-random"
@@ -64,14 +65,15 @@ def packaged_minilm_dir() -> Path:
 
 
 def model_dir(model: str) -> Path:
-    """The local directory a model name stands for ("minilm" or a path)."""
+    """The local directory a model name stands for ("minilm", a path, or a Hugging Face id
+    in the local cache)."""
     if model == MINILM:
         return packaged_minilm_dir()
-    path = Path(model).expanduser()
-    if not (path / "config.json").is_file():
+    path = local_model_dir(model)
+    if path is None or not (path / "config.json").is_file():
         raise ConfigError(
-            f"model {model!r}: expected 'minilm', 'tiny-random' or a local model directory "
-            "with a config.json"
+            f"model {model!r}: expected 'minilm', 'tiny-random', a local model directory "
+            "with a config.json or a Hugging Face id in the local cache"
         )
     return path
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from latentrag import hookimpl
 from latentrag.core.config import StrictModel
+from latentrag.plugins.hub_models import check_model_setting
 
 
 class CrossEncoderConfig(StrictModel):
     model: str = Field(
-        "minilm", description="'minilm' (packaged), 'tiny-random' (tests) or a model directory"
+        "minilm", description="'minilm' (packaged), 'tiny-random' (tests), a model directory or a "
+        "Hugging Face id in the local cache"
     )
     max_length: int = Field(256, ge=8, description="tokens of query and passage together")
     batch_size: int = Field(32, ge=1, description="pairs per encoder forward")
@@ -26,6 +28,11 @@ class CrossEncoderConfig(StrictModel):
         "with native bfloat16, else float32",
     )
     seed: int = Field(0, description="initialises the head (and the weights of 'tiny-random')")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        return check_model_setting(value, ("minilm", "tiny-random"))
 
 
 @hookimpl

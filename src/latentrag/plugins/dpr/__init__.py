@@ -5,17 +5,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from latentrag import hookimpl
 from latentrag.core.config import StrictModel
+from latentrag.plugins.hub_models import check_model_setting
 
 IndexType = Literal["flat", "ivf", "hnsw"]
 
 
 class DPRConfig(StrictModel):
     model: str = Field(
-        "minilm", description="'minilm' (packaged), 'tiny-random' (tests) or a model directory"
+        "minilm", description="'minilm' (packaged), 'tiny-random' (tests), a model directory or a "
+        "Hugging Face id in the local cache"
     )
     shared_encoders: bool = Field(False, description="one encoder for queries and passages")
     train_passage_encoder: bool = Field(
@@ -55,6 +57,11 @@ class DPRConfig(StrictModel):
         "calls refresh(); the retriever never refreshes by itself",
     )
     seed: int = Field(0, description="weights of 'tiny-random'")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        return check_model_setting(value, ("minilm", "tiny-random"))
 
 
 @hookimpl

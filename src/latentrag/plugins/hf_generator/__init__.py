@@ -4,13 +4,13 @@ transformers: see `generator.py`). The model name is checked here, without loadi
 from __future__ import annotations
 
 import string
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
 
 from latentrag import hookimpl
 from latentrag.core.config import StrictModel
+from latentrag.plugins.hub_models import check_model_setting
 
 DEFAULT_TEMPLATE = "Context: {passage}\nQuestion: {question}\nAnswer:"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
@@ -30,7 +30,9 @@ class LoraSettings(StrictModel):
 
 class HFGeneratorConfig(StrictModel):
     model: str = Field(
-        "smollm2", description="'smollm2', 'tiny-llama', 'tiny-gpt2' or a local model directory"
+        "smollm2",
+        description="'smollm2', 'tiny-llama', 'tiny-gpt2', a local model directory or a "
+        "Hugging Face id in the local cache",
     )
     prompt_template: str = DEFAULT_TEMPLATE
     max_passage_tokens: int = Field(128, ge=1)
@@ -60,11 +62,7 @@ class HFGeneratorConfig(StrictModel):
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        if value in BUILTIN_MODELS or Path(value).expanduser().is_dir():
-            return value
-        raise ValueError(
-            f"{value!r} is neither one of {', '.join(BUILTIN_MODELS)} nor a local directory"
-        )
+        return check_model_setting(value, BUILTIN_MODELS)
 
     @field_validator("prompt_template")
     @classmethod

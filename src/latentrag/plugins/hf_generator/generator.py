@@ -39,9 +39,11 @@ from latentrag.core.interfaces import Generator, Reduce
 from latentrag.plugins.encoders import native_bf16
 from latentrag.plugins.hf_generator import TINY_MODELS, HFGeneratorConfig, LoraSettings, smollm2
 from latentrag.plugins.hf_generator.passage_cache import PassageCache
+from latentrag.plugins.hub_models import local_model_dir
 from latentrag.plugins.joint_attention import (
     JointPrompt,
     PassageStates,
+    joint_generate,
     joint_loglik,
     joint_loglik_cached,
     passage_states,
@@ -74,11 +76,10 @@ def load_model_and_tokenizer(config: HFGeneratorConfig):
         tokenizer = tiny_tokenizer()
         model = build(tokenizer, seed=config.seed, attn_implementation=config.attn_implementation)
         return model.to(dtype), tokenizer
-    directory = (
-        smollm2.converted_dir(config.cache_dir)
-        if config.model == "smollm2"
-        else Path(config.model).expanduser()
-    )
+    if config.model == "smollm2":
+        directory = smollm2.converted_dir(config.cache_dir)
+    else:  # a folder, or a Hugging Face id's cached snapshot
+        directory = local_model_dir(config.model) or Path(config.model).expanduser()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, attn_implementation=config.attn_implementation
@@ -422,6 +423,38 @@ class HFCausalLMGenerator(Generator, nn.Module):
             for start in range(0, len(prompts), self.config.batch_size):
                 chunk = prompts[start : start + self.config.batch_size]
                 answers.extend(self._generate_chunk(chunk, settings))
+            return answers
+        finally:
+            self.model.train(was_training)
+
+    def generate_joint(
+        self,
+        queries: Sequence[str],
+        passages: Sequence[Sequence[str]],
+        doc_log_mask: Tensor | None,
+        max_new_tokens: int | None = None,
+    ) -> list[str]:
+        """Greedy answers reading all K passages in parallel as `loglik_joint` does,
+        passage k biased by doc_log_mask[:, k] (G-Rerank inference: the hard top-k mask)."""
+        prompt = JointPrompt.from_template(
+            self.config.prompt_template, self.config.max_passage_tokens
+        )
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            answers: list[str] = []
+            for start in range(0, len(queries), self.config.batch_size):
+                end = start + self.config.batch_size
+                answers += joint_generate(
+                    self.model,
+                    self.tokenizer,
+                    queries[start:end],
+                    passages[start:end],
+                    None if doc_log_mask is None else doc_log_mask[start:end],
+                    prompt,
+                    max_new_tokens or self.config.max_new_tokens,
+                    self._stop_ids(),
+                )
             return answers
         finally:
             self.model.train(was_training)
