@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import json
 import math
 import random
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -18,9 +19,10 @@ from test_gumbel_rerank import BowPlugin, KeyCodeTask
 from torch import Tensor
 
 from latentrag.core.config import resolve
+from latentrag.core.interfaces import Retriever
 from latentrag.core.pipeline import Pipeline
 from latentrag.core.registry import default_registry
-from latentrag.core.types import Batch, Candidates
+from latentrag.core.types import Batch, Candidates, Corpus, Example, Passage
 from latentrag.plugins.gumbel_rerank import GumbelEstimatorConfig, GumbelRerankConfig
 from latentrag.plugins.gumbel_rerank.estimator import GumbelEstimator
 from latentrag.plugins.gumbel_rerank.reranker import GumbelReranker
@@ -159,7 +161,7 @@ class KeyCodeFiD:
         return self.generator.loglik_joint(batch.questions, passages, batch.targets, doc_log_mask)
 
 
-def key_code_reader(task: KeyCodeTask, steps: int = 80) -> HFSeq2SeqGenerator:
+def key_code_reader(task: KeyCodeTask, steps: int = 150) -> HFSeq2SeqGenerator:
     """A tiny T5 (its vocabulary covers the task) that copies the code of the one passage
     it can see (gold only), then frozen."""
     config = HFSeq2SeqConfig(model="tiny-t5", template=KEY_TEMPLATE)
@@ -213,3 +215,73 @@ def test_grerank_on_t5_learns_to_find_the_gold_passage_from_the_lm_loss_alone(
     after = gold_first_rate(model, held_out)
     print(f"G-Rerank over FiD-T5, key-code task: gold first {before:.3f} -> {after:.3f}")
     assert after >= 0.9
+
+
+# -- G-Rerank inference reads the way training reads ----------------------------------------
+
+
+class FixedPrior(Retriever):
+    """A prior that ranks each question's passages in a fixed order (a test double)."""
+
+    def __init__(self, order: dict[str, list[int]]) -> None:
+        self.order = order
+
+    def index(self, corpus: Corpus) -> None:
+        pass
+
+    def retrieve(self, queries: Sequence[str], k: int) -> Candidates:
+        rows = torch.tensor([self.order[q][:k] for q in queries])
+        scores = torch.arange(rows.shape[1], 0, -1).float().expand(rows.shape)
+        return Candidates(rows, scores.clone())
+
+
+def second_ranked_gold(task: KeyCodeTask) -> tuple[Corpus, FixedPrior, Batch]:
+    """One question per key whose gold passage the prior ranks 2nd, after a passage with
+    another code (every code in a row differs, so reading the 1st is never right)."""
+    passages, order, examples = [], {}, []
+    for i, key in enumerate(task.KEYS[:8]):
+        keys = [task.KEYS[(i + j) % len(task.KEYS)] for j in (1, 0, 5, 7)]  # gold 2nd
+        codes = [task.CODES[(i + j) % len(task.CODES)] for j in range(4)]
+        order[key] = list(range(len(passages), len(passages) + 4))
+        passages += [f"{k} code {c}" for k, c in zip(keys, codes)]
+        examples.append(Example(f"q{i}", key, (codes[1],)))
+    corpus = Corpus(Passage(f"p{r}", text) for r, text in enumerate(passages))
+    return corpus, FixedPrior(order), Batch(examples)
+
+
+def train_reranker(task: KeyCodeTask, model, steps: int = 30) -> GumbelEstimator:
+    estimator = GumbelEstimator(GumbelEstimatorConfig(k=4, k_keep=1, tau=0.5, seed=0))
+    params = [p for m in model.reranker.trainable_modules().values() for p in m.parameters()]
+    optimizer = torch.optim.Adam(params, lr=0.05)
+    rng = random.Random(1)
+    for _ in range(steps):
+        out = estimator.loss(task.batch(rng, 16), model)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    return estimator
+
+
+def test_grerank_inference_reads_the_second_ranked_passage_through_the_hard_mask(
+    bow_registered, one_thread
+):
+    task = KeyCodeTask(k=4)
+    generator = key_code_reader(task)
+    reranker = GumbelReranker(GumbelRerankConfig(inner="test-bow", k=1))
+    estimator = train_reranker(task, KeyCodeFiD(task, reranker, generator))
+    corpus, prior, batch = second_ranked_gold(task)
+    codes = [e.target for e in batch.examples]
+
+    plain = Pipeline(corpus, prior, generator)
+    plain.index()
+    assert not plain.reads_jointly
+    top1 = plain.predict(batch, passages=1, max_new_tokens=3)
+    grerank = Pipeline(corpus, prior, generator, reranker=reranker, estimator=estimator)
+    grerank.index()
+    assert grerank.reads_jointly
+    joint = grerank.predict(batch, passages=1, max_new_tokens=3)
+    top1_em = sum(a == c for a, c in zip(top1, codes)) / len(codes)
+    joint_em = sum(a == c for a, c in zip(joint, codes)) / len(codes)
+    print(f"2nd-ranked gold: EM top-1 reading {top1_em:.2f}, G-Rerank hard top-k {joint_em:.2f}")
+    assert joint_em == 1.0
+    assert top1_em == 0.0

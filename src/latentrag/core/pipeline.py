@@ -359,10 +359,36 @@ class Pipeline:
 
     @torch.no_grad()
     def predict(self, batch: Batch, passages: int = 1, max_new_tokens: int = 16) -> list[str]:
-        """Answer each question from its top passages (see `retrieve`)."""
+        """Answer each question from its top passages (see `retrieve`); with a masking
+        reranker (G-Rerank) and a generator that reads jointly, the way training reads
+        instead (`predict_joint`)."""
         assert self.generator is not None, "no [generator] configured"
+        if self.reads_jointly:
+            return self.predict_joint(batch, max_new_tokens)
         top = self.retrieve(batch.questions, passages, self.candidate_rows(batch.examples))
         return self.generator.generate(batch.questions, _valid_texts(self, top), max_new_tokens)
+
+    @property
+    def reads_jointly(self) -> bool:
+        """A reranker that masks (`log_mask`) and a generator that generates from a joint
+        reading (`generate_joint`): G-Rerank's inference."""
+        return hasattr(self.reranker, "log_mask") and hasattr(self.generator, "generate_joint")
+
+    @torch.no_grad()
+    def predict_joint(self, batch: Batch, max_new_tokens: int = 16) -> list[str]:
+        """G-Rerank inference: the prior's top K candidates (K: the estimator's `k` when it
+        has one, as in training, else `rerank_pool`) read at once under the reranker's hard
+        top-k mask (`log_mask(scores, training=False)`)."""
+        k = getattr(getattr(self.estimator, "config", None), "k", None)
+        k = k if isinstance(k, int) else self.rerank_pool
+        pool = self.candidates(batch, "prior", k)
+        valid = pool.valid()
+        scores = self.rerank_scores(batch, pool).float().masked_fill(~valid, float("-inf"))
+        log_mask = self.reranker.log_mask(scores, training=False, valid=valid)  # type: ignore[union-attr]
+        texts = self.passages(pool.indices)
+        return self.generator.generate_joint(  # type: ignore[union-attr]
+            batch.questions, texts, log_mask, max_new_tokens
+        )
 
     @torch.no_grad()
     def answer(
