@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from test_gumbel_rerank import BowPlugin, KeyCodeTask
+from test_gumbel_rerank import BowPlugin, KeyCodeModel, KeyCodeTask, pretrain_copying_generator
 from torch import Tensor
 
 from latentrag.core.config import resolve
@@ -26,6 +26,8 @@ from latentrag.core.types import Batch, Candidates, Corpus, Example, Passage
 from latentrag.plugins.gumbel_rerank import GumbelEstimatorConfig, GumbelRerankConfig
 from latentrag.plugins.gumbel_rerank.estimator import GumbelEstimator
 from latentrag.plugins.gumbel_rerank.reranker import GumbelReranker
+from latentrag.plugins.hf_generator import HFGeneratorConfig
+from latentrag.plugins.hf_generator.generator import HFCausalLMGenerator
 from latentrag.plugins.hf_seq2seq import HFSeq2SeqConfig
 from latentrag.plugins.hf_seq2seq.generator import HFSeq2SeqGenerator
 from latentrag.plugins.joint_attention import LOG_ZERO
@@ -262,26 +264,63 @@ def train_reranker(task: KeyCodeTask, model, steps: int = 30) -> GumbelEstimator
     return estimator
 
 
+def causal_key_code_reader(task: KeyCodeTask):
+    """The decoder-only test's copying tiny Llama, as an hf-causal-lm generator whose
+    template splits into that test's joint prompt; the wrapper to train its reranker."""
+    tokenizer = tiny_tokenizer([*task.KEYS, *task.CODES, "key", "code"])
+    config = HFGeneratorConfig(
+        model="tiny-llama",
+        prompt_template="key {passage} question {question} answer",
+        passage_cache_mb=0,
+    )
+    generator = HFCausalLMGenerator(config)
+    generator.model = pretrain_copying_generator(task, tokenizer)
+    generator.tokenizer = tokenizer
+    return generator, lambda reranker: KeyCodeModel(task, reranker, generator.model, tokenizer)
+
+
+def fid_key_code_reader(task: KeyCodeTask):
+    generator = key_code_reader(task)
+    return generator, lambda reranker: KeyCodeFiD(task, reranker, generator)
+
+
+@pytest.mark.parametrize("reader", [fid_key_code_reader, causal_key_code_reader])
 def test_grerank_inference_reads_the_second_ranked_passage_through_the_hard_mask(
-    bow_registered, one_thread
+    bow_registered, one_thread, reader
 ):
     task = KeyCodeTask(k=4)
-    generator = key_code_reader(task)
+    generator, training_model = reader(task)
     reranker = GumbelReranker(GumbelRerankConfig(inner="test-bow", k=1))
-    estimator = train_reranker(task, KeyCodeFiD(task, reranker, generator))
+    estimator = train_reranker(task, training_model(reranker))
     corpus, prior, batch = second_ranked_gold(task)
     codes = [e.target for e in batch.examples]
 
     plain = Pipeline(corpus, prior, generator)
     plain.index()
     assert not plain.reads_jointly
-    top1 = plain.predict(batch, passages=1, max_new_tokens=3)
+    top1 = plain.predict(batch, passages=1, max_new_tokens=1)
     grerank = Pipeline(corpus, prior, generator, reranker=reranker, estimator=estimator)
     grerank.index()
     assert grerank.reads_jointly
-    joint = grerank.predict(batch, passages=1, max_new_tokens=3)
+    joint = grerank.predict(batch, passages=1, max_new_tokens=1)
     top1_em = sum(a == c for a, c in zip(top1, codes)) / len(codes)
     joint_em = sum(a == c for a, c in zip(joint, codes)) / len(codes)
     print(f"2nd-ranked gold: EM top-1 reading {top1_em:.2f}, G-Rerank hard top-k {joint_em:.2f}")
     assert joint_em == 1.0
     assert top1_em == 0.0
+
+
+def test_joint_generation_of_one_unmasked_passage_is_ordinary_generation(one_thread):
+    corpus, examples = toy_corpus(), toy_examples()[:3]
+    queries = [e.question for e in examples]
+    passages = [[corpus[i].text] for i in range(3)]
+    t5 = seq2seq(model="tiny-t5")
+    texts = [t5.config.template.format(question=q, passage=p[0]) for q, p in zip(queries, passages)]
+    encoded = t5.tokenizer(texts, padding=True, return_tensors="pt")
+    out = t5.model.generate(**encoded, max_new_tokens=5, do_sample=False)
+    expected = [a.strip() for a in t5.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    assert t5.generate_joint(queries, passages, torch.zeros(3, 1), 5) == expected
+    causal = HFCausalLMGenerator(HFGeneratorConfig(model="tiny-llama", passage_cache_mb=0))
+    expected = causal.generate(queries, passages, 5)
+    assert causal.generate_joint(queries, passages, torch.zeros(3, 1), 5) == expected
+    assert any(expected)  # something was generated
