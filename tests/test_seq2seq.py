@@ -52,7 +52,9 @@ def test_tiny_t5_passes_the_generator_checks(one_thread):
 
 
 def test_unknown_model_is_refused_by_the_config():
-    with pytest.raises(ValueError, match="neither one of tiny-t5"):
+    with pytest.raises(
+        ValueError, match="neither one of .tiny-t5., a local folder nor a Hugging Face id"
+    ):
         HFSeq2SeqConfig(model="no-such-t5")
 
 
@@ -324,3 +326,20 @@ def test_joint_generation_of_one_unmasked_passage_is_ordinary_generation(one_thr
     expected = causal.generate(queries, passages, 5)
     assert causal.generate_joint(queries, passages, torch.zeros(3, 1), 5) == expected
     assert any(expected)  # something was generated
+
+
+def test_a_t5_in_the_local_hub_cache_loads_by_id_and_a_missing_id_is_one_line(
+    tmp_path, monkeypatch
+):
+    from test_hf_ids import save_to_hub_cache
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    tokenizer = tiny_tokenizer()
+    save_to_hub_cache(cache, "tiny-org/tiny-t5", tiny_t5(tokenizer, seed=3), tokenizer)
+    generator = seq2seq(model="tiny-org/tiny-t5")
+    saved = tiny_t5(tokenizer, seed=3).state_dict()
+    loaded = generator.model.state_dict()
+    assert set(saved) == set(loaded) and all(loaded[k].equal(saved[k]) for k in saved)
+    with pytest.raises(ValueError, match="'tiny-org/absent' is not in the Hugging Face cache"):
+        HFSeq2SeqConfig(model="tiny-org/absent")

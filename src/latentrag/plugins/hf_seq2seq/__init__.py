@@ -5,19 +5,23 @@ loading it."""
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
 from pydantic import Field, field_validator
 
 from latentrag import hookimpl
 from latentrag.core.config import StrictModel
+from latentrag.plugins.hub_models import check_model_setting
 
 DEFAULT_TEMPLATE = "question: {question} context: {passage}"
 TINY_MODELS = ("tiny-t5",)
 
 
 class HFSeq2SeqConfig(StrictModel):
-    model: str = Field("tiny-t5", description="'tiny-t5' (tests) or a local model directory")
+    model: str = Field(
+        "tiny-t5",
+        description="'tiny-t5' (tests), a local model directory or a Hugging Face id in the "
+        "local cache (e.g. google/flan-t5-small, facebook/bart-base)",
+    )
     template: str = Field(
         DEFAULT_TEMPLATE, description="the encoder's text for one (question, passage) pair"
     )
@@ -30,9 +34,7 @@ class HFSeq2SeqConfig(StrictModel):
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        if value in TINY_MODELS or Path(value).expanduser().is_dir():
-            return value
-        raise ValueError(f"{value!r} is neither one of {', '.join(TINY_MODELS)} nor a directory")
+        return check_model_setting(value, TINY_MODELS)
 
     @field_validator("template")
     @classmethod

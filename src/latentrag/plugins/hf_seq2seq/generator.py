@@ -20,6 +20,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from latentrag.core.errors import ConfigError
 from latentrag.core.interfaces import Generator, Reduce
 from latentrag.plugins.hf_seq2seq import TINY_MODELS, HFSeq2SeqConfig
+from latentrag.plugins.hub_models import local_model_dir
 from latentrag.plugins.joint_attention import (
     LOG_ZERO,
     fid_generate,
@@ -35,7 +36,8 @@ def load_model_and_tokenizer(config: HFSeq2SeqConfig):
 
         tokenizer = tiny_tokenizer()
         return tiny_t5(tokenizer, seed=config.seed), tokenizer
-    directory = Path(config.model).expanduser()
+    # a folder, or a Hugging Face id's cached snapshot
+    directory = local_model_dir(config.model) or Path(config.model).expanduser()
     try:
         model = AutoModelForSeq2SeqLM.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
