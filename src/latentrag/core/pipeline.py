@@ -382,8 +382,9 @@ class Pipeline:
         k = getattr(getattr(self.estimator, "config", None), "k", None)
         k = k if isinstance(k, int) else self.rerank_pool
         pool = self.candidates(batch, "prior", k)
-        valid = pool.valid()
-        scores = self.rerank_scores(batch, pool).float().masked_fill(~valid, float("-inf"))
+        scores = self.rerank_scores(batch, pool).float()
+        valid = pool.valid().to(scores.device)
+        scores = scores.masked_fill(~valid, float("-inf"))
         log_mask = self.reranker.log_mask(scores, training=False, valid=valid)  # type: ignore[union-attr]
         texts = self.passages(pool.indices)
         return self.generator.generate_joint(  # type: ignore[union-attr]
