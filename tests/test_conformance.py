@@ -22,6 +22,7 @@ TINY = {
     ("reranker", "cross-encoder"): {"model": "tiny-random"},
     ("reranker", "gumbel"): {"inner": {"name": "cross-encoder", "model": "tiny-random"}},
     ("generator", "hf-causal-lm"): {"model": "tiny-llama"},
+    ("generator", "hf-seq2seq"): {"model": "tiny-t5"},
     ("estimator", "topk"): {"k": 4},
     ("estimator", "topk-token"): {"k": 4},
     ("estimator", "vrag"): {"k": 4},
