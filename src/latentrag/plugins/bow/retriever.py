@@ -36,8 +36,10 @@ class BagEncoder(nn.Module):
         nn.init.normal_(self.bag.weight, generator=generator)
 
     def forward(self, token_lists: Sequence[Sequence[int]]) -> Tensor:
-        flat = torch.tensor([t for tokens in token_lists for t in tokens], dtype=torch.long)
-        lengths = torch.tensor([0] + [len(tokens) for tokens in token_lists[:-1]])
+        device = self.bag.weight.device  # train.device
+        ids = [t for tokens in token_lists for t in tokens]
+        flat = torch.tensor(ids, dtype=torch.long, device=device)
+        lengths = torch.tensor([0] + [len(tokens) for tokens in token_lists[:-1]], device=device)
         return self.bag(flat, torch.cumsum(lengths, 0))
 
     def encode(self, texts: Sequence[str]) -> Tensor:

@@ -153,9 +153,10 @@ class JsaEstimator(SeededEstimator):
         log_q: Tensor,
     ) -> Tensor:
         """mean_b Σ_h c_h [-log p(y|x,h) - log p(h|x) - log q(h|x,y)], c_h = visits / n."""
-        visits = torch.zeros_like(log_q).scatter_add(
-            1, state_slots, torch.full(state_slots.shape, 1.0 / self.config.samples)
-        )
+        share = torch.full(
+            state_slots.shape, 1.0 / self.config.samples, dtype=log_q.dtype, device=log_q.device
+        )  # log_q's dtype and device: bf16 under autocast, on train.device
+        visits = torch.zeros_like(log_q).scatter_add(1, state_slots.to(log_q.device), share)
         # [B,n] rows: the pipeline scores each distinct (example, state) once
         state_rows = cand.indices.gather(1, state_slots)
         generator_term = -model.rows_loglik(batch, state_rows, self.config.loglik).mean(-1)
