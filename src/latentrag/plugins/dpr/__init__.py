@@ -24,6 +24,16 @@ class DPRConfig(StrictModel):
         False, description="re-encode scored passages with grad (else use the index's vectors)"
     )
     with_title: bool = Field(False, description="encode passages as 'title. text'")
+    query_prefix: str = Field(
+        "",
+        description="prepended to every query before tokenisation, the posterior's "
+        "'question answer' included (E5: 'query: '; BGE: its retrieval instruction)",
+    )
+    passage_prefix: str = Field(
+        "",
+        description="prepended to every passage before tokenisation (E5: 'passage: '); "
+        "recorded in the index manifest, so a changed prefix refuses a saved index",
+    )
     max_length: int = Field(128, ge=8)
     batch_size: int = Field(64, ge=1)
     normalize: bool = True

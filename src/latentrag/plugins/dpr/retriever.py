@@ -8,6 +8,11 @@ resumes there) and reused while the corpus and passage encoder are unchanged; wi
 `index_dir` the files live in a temporary folder. `score()` is differentiable in the query
 encoder (and in the passage encoder when `train_passage_encoder`), so the retriever can be
 the prior p(h|x) or, reading "question answer", the posterior q(h|x,y).
+
+`query_prefix` / `passage_prefix` (E5's "query: " / "passage: ", BGE's instruction) are
+prepended to every query and passage text before tokenisation: when indexing, refreshing,
+retrieving and scoring. The passage prefix decides the stored vectors, so it is part of the
+index manifest; the query prefix is not (it changes no stored vector).
 """
 
 from __future__ import annotations
@@ -186,8 +191,14 @@ class DPRRetriever(Retriever, nn.Module):
             self.refresh()
 
     def _attach(self, corpus: Corpus) -> None:
+        """Hold `corpus` and the texts its passages are encoded from (prefix included)."""
         self.corpus = corpus
-        self._texts = corpus.texts(with_title=self.config.with_title)
+        prefix = self.config.passage_prefix
+        self._texts = [prefix + text for text in corpus.texts(with_title=self.config.with_title)]
+
+    def _query_texts(self, queries: Sequence[str]) -> list[str]:
+        """The texts the query encoder reads: `query_prefix` + each query."""
+        return [self.config.query_prefix + query for query in queries]
 
     def _manifest(self, model_fingerprint: str) -> IndexManifest:
         assert self.corpus is not None
@@ -198,13 +209,17 @@ class DPRRetriever(Retriever, nn.Module):
             dims=self.passage_encoder.dim,
             index_type="factory" if options.factory else options.type,
             num_vectors=len(self.corpus),
-            encoder_settings={
-                **self.passage_encoder.settings(),
-                "with_title": self.config.with_title,
-            },
+            encoder_settings=self._encoder_settings(),
             index_params=options.structure(len(self.corpus)),
             model=self.config.model,
         )
+
+    def _encoder_settings(self) -> dict:
+        """What besides the weights decides the stored vectors."""
+        settings = {**self.passage_encoder.settings(), "with_title": self.config.with_title}
+        if self.config.passage_prefix:  # manifests without a prefix stay as they were
+            settings["passage_prefix"] = self.config.passage_prefix
+        return settings
 
     def _index_dir(self) -> Path | None:
         return Path(self.config.index_dir).expanduser() if self.config.index_dir else None
@@ -224,7 +239,7 @@ class DPRRetriever(Retriever, nn.Module):
         size = len(self._texts)
         if not 1 <= k <= size:
             raise LatentragError(f"dpr retriever: k = {k} but the corpus has {size} passages")
-        vectors = self.query_encoder.encode(queries, self.config.batch_size)
+        vectors = self.query_encoder.encode(self._query_texts(queries), self.config.batch_size)
         scores, rows = search(self._store.index, vectors.numpy(), k)
         found = rows >= 0  # approximate indexes may return fewer than k
         indices = torch.from_numpy(np.where(found, rows, 0)).long()
@@ -239,7 +254,7 @@ class DPRRetriever(Retriever, nn.Module):
         if passage_rows.dim() != 2 or passage_rows.shape[0] != len(queries):
             shape = tuple(passage_rows.shape)
             raise ValueError(f"passage_rows must be [B,K] with B = {len(queries)}, got {shape}")
-        query_vectors = self._embed(self.query_encoder, list(queries))
+        query_vectors = self._embed(self.query_encoder, self._query_texts(queries))
         passage_vectors = self._passage_vectors(passage_rows.long().cpu())
         return torch.einsum("bd,bkd->bk", query_vectors, passage_vectors.to(query_vectors.device))
 
