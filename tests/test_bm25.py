@@ -16,8 +16,10 @@ from latentrag.core.config import resolve
 from latentrag.core.errors import ConfigError, LatentragError, StaleIndexError
 from latentrag.core.registry import Registry
 from latentrag.core.types import Corpus, Passage
-from latentrag.plugins.bm25 import BM25Config
+from latentrag.plugins.bm25 import BM25Config, kernels
+from latentrag.plugins.bm25 import index as bm25_index
 from latentrag.plugins.bm25 import retriever as bm25
+from latentrag.plugins.bm25.index import BM25Index
 from latentrag.plugins.bm25.retriever import BM25Retriever
 from latentrag.plugins.bm25.tokenize import STOPWORDS, Tokenizer, stem
 from latentrag.testing.checks import check_retriever
@@ -62,28 +64,41 @@ def indexed(texts: list[str], **options) -> BM25Retriever:
     return retriever
 
 
+#: the pruned kernels compiled when numba is installed, else the same code as plain Python
+PRUNED = "numba" if kernels.NUMBA_AVAILABLE else "python"
+BACKENDS = [PRUNED, "numpy"]
+
+
 # -- the formula ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dense_share", [bm25.DENSE_ROW_SHARE, 2.0], ids=["mixed", "sparse"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dense_share", [0.3, 2.0], ids=["mixed", "sparse"])
 @pytest.mark.parametrize(
     "params", [{}, {"k1": 1.2, "b": 0.5, "epsilon": 0.1}, {"k1": 0.5, "b": 1.0}]
 )
-def test_scores_equal_rank_bm25(monkeypatch, dense_share, params):
-    monkeypatch.setattr(bm25, "DENSE_ROW_SHARE", dense_share)
-    monkeypatch.setattr(bm25, "WEIGHT_BLOCK", 7)  # several blocks even on a small corpus
+def test_scores_equal_rank_bm25(monkeypatch, backend, dense_share, params):
+    monkeypatch.setattr(bm25_index, "DENSE_SHARE", dense_share)
+    monkeypatch.setattr(bm25_index, "ENTRY_BLOCK", 7)  # several blocks even on a small corpus
     retriever = indexed(TEXTS, **params)
     tokens = retriever.tokenizer
     reference = rank_bm25.BM25Okapi(tokens.batch(TEXTS), **params)
     assert reference.idf["the"] == pytest.approx(reference.epsilon * reference.average_idf)
-    n_dense = len(retriever.built.dense_rows)
-    assert (0 < n_dense < len(retriever.built.vocab)) if dense_share < 1 else n_dense == 0
+    n_dense = len(retriever.built.dense)
+    assert (0 < n_dense < len(retriever.vocab)) if dense_share < 1 else n_dense == 0
     for query in QUERIES:
         expected = reference.get_scores(tokens(query))
-        np.testing.assert_allclose(all_scores(retriever, query, len(TEXTS)), expected, atol=1e-5)
+        found = retriever.built.search(*retriever.query_terms([query]), len(TEXTS), backend)
+        got = np.zeros(len(TEXTS))
+        got[found[0][0]] = found[1][0]
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        order = np.lexsort((np.arange(len(TEXTS)), -expected))  # rank-bm25's ranking
+        assert found[0][0].tolist() == order.tolist()
         rows = torch.arange(len(TEXTS)).flip(0)[None, :]
         scored = retriever.score([query], rows)[0].numpy()
         np.testing.assert_allclose(scored, expected[rows[0].numpy()], atol=1e-5)
+        # score() adds the terms in the same order as the search: the very same floats
+        assert scored[::-1].tolist() == got.astype(np.float32).tolist()
 
 
 def test_repeated_query_term_counts_twice():
@@ -107,6 +122,100 @@ def test_scores_equal_rank_bm25_on_random_corpora(docs, query):
     expected = rank_bm25.BM25Okapi(docs).get_scores(query)
     got = all_scores(retriever, " ".join(query), len(texts))
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+# -- pruned search ------------------------------------------------------------------------------
+
+
+def zipf_corpus(n_docs: int, vocab: int, mean_length: int, seed: int = 0):
+    """Concatenated term ids and lengths drawn from a Zipfian vocabulary."""
+    rng = np.random.default_rng(seed)
+    weights = np.arange(1, vocab + 1, dtype=np.float64) ** -1.1
+    lengths = rng.poisson(mean_length, n_docs)
+    return rng.choice(vocab, int(lengths.sum()), p=weights / weights.sum()), lengths, rng
+
+
+def search_both(index: BM25Index, queries: list[list[int]], k: int):
+    ids = np.array([t for q in queries for t in q], dtype=np.int64)
+    lengths = np.array([len(q) for q in queries], dtype=np.int64)
+    return index.search(ids, lengths, k, PRUNED), index.search(ids, lengths, k, "numpy")
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    docs=st.lists(st.lists(st.integers(0, 11), max_size=14), min_size=1, max_size=40),
+    queries=st.lists(st.lists(st.integers(0, 13), max_size=7), min_size=1, max_size=6),
+    dense_share=st.sampled_from([0.0, 0.1, 0.3, 2.0]),
+    k1=st.sampled_from([0.0, 1.2, 1.5]),
+    b=st.sampled_from([0.0, 0.75, 1.0]),
+    epsilon=st.sampled_from([0.25, 0.0, -1.0]),  # -1: a negative idf floor
+    data=st.data(),
+)
+def test_pruned_search_equals_exhaustive_on_random_corpora(
+    docs, queries, dense_share, k1, b, epsilon, data
+):
+    ids = np.array([t for doc in docs for t in doc], dtype=np.int64)
+    lengths = np.array([len(doc) for doc in docs], dtype=np.int64)
+    index = BM25Index.build(ids, lengths, 12, k1, b, epsilon, dense_share=dense_share)
+    k = data.draw(st.integers(1, len(docs)), label="k")
+    (rows, scores), (exact_rows, exact_scores) = search_both(index, queries, k)
+    np.testing.assert_array_equal(rows, exact_rows)
+    np.testing.assert_array_equal(scores, exact_scores)
+
+
+@pytest.mark.parametrize("k", [1, 10, 200])
+def test_pruned_search_equals_exhaustive_across_blocks(k):
+    # several blocks, dense and sparse terms, and queries that take every path: seeded,
+    # swept, looked up, dense only, sparse only, repeated terms, no known term
+    ids, lengths, rng = zipf_corpus(2 * kernels.BLOCK + 333, 3000, 25)
+    index = BM25Index.build(ids, lengths, 3000)
+    assert 0 < len(index.dense) < 100 and len(index.sparse_docs) > 0
+    n_queries = 120 if kernels.NUMBA_AVAILABLE else 12
+    queries = [list(rng.choice(ids, rng.integers(1, 9))) for _ in range(n_queries)]
+    dense_terms = np.flatnonzero(index.slot >= 0)
+    queries += [list(dense_terms[:3]), [int(dense_terms[0])] * 2, [2999, 2998], [], [4000]]
+    (rows, scores), (exact_rows, exact_scores) = search_both(index, queries, k)
+    np.testing.assert_array_equal(rows, exact_rows)
+    np.testing.assert_array_equal(scores, exact_scores)
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_ties_across_blocks_keep_the_lowest_rows():
+    # identical passages in every block: the k best are the first rows holding the term
+    n_docs = 2 * kernels.BLOCK + 5
+    docs = [[1, 2, 2] if row % 7 == 3 else [3, 4] for row in range(n_docs)]
+    ids = np.array([t for doc in docs for t in doc])
+    index = BM25Index.build(ids, np.array([len(doc) for doc in docs]), 5)
+    for query in ([1], [2], [1, 2], [1, 3]):
+        (rows, scores), exact = search_both(index, [query], 4)
+        assert rows[0].tolist() == [3, 10, 17, 24]
+        assert len(set(scores[0].tolist())) == 1
+        np.testing.assert_array_equal(rows, exact[0])
+
+
+def test_index_is_smaller_than_a_float32_weight_matrix():
+    # bm25s keeps a float32 weight and an int32 row per (term, passage) pair
+    ids, lengths, _ = zipf_corpus(20_000, 5000, 40)
+    index = BM25Index.build(ids, lengths, 5000)
+    pairs = len(index.sparse_docs) + np.count_nonzero(index.dense)
+    assert pairs > 400_000
+    assert index.nbytes < 8 * pairs
+
+
+def test_backends(monkeypatch):
+    index = BM25Index.build(np.array([0, 1, 1, 2, 0]), np.array([2, 3]), 3)
+    query = (np.array([1, 0]), np.array([2]))
+    with pytest.raises(LatentragError, match="backend must be one of"):
+        index.search(*query, 1, backend="gpu")
+    with pytest.raises(LatentragError, match=r"k=3 must be between 1 and the corpus size \(2\)"):
+        index.search(*query, 3)
+    exhaustive = index.search(*query, 2, backend="numpy")
+    monkeypatch.setattr(kernels, "NUMBA_AVAILABLE", False)
+    with pytest.raises(LatentragError, match="needs numba"):
+        index.search(*query, 1, backend="numba")
+    auto = index.search(*query, 2)  # falls back to numpy
+    np.testing.assert_array_equal(auto[0], exhaustive[0])
+    np.testing.assert_array_equal(auto[1], exhaustive[1])
 
 
 # -- retrieval --------------------------------------------------------------------------------
@@ -196,9 +305,9 @@ def test_save_load_round_trip(tmp_path):
     retriever.index(corpus)
     retriever.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "index.npz",
         "manifest.json",
         "vocab.json",
-        "weights.npz",
     ]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["corpus_fingerprint"] == corpus.fingerprint()
@@ -260,6 +369,17 @@ def test_index_dir_loads_a_matching_index_refuses_a_stale_one_and_build_replaces
     assert not [p for p in (tmp_path / "bm25").iterdir() if p.name.startswith(".")]
 
 
+def test_an_index_in_the_old_format_is_stale(tmp_path):
+    corpus = make_corpus(TEXTS)
+    retriever = BM25Retriever()
+    retriever.index(corpus)
+    retriever.save(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(StaleIndexError, match="format version 1, this code reads 2"):
+        BM25Retriever().load(tmp_path, corpus)
+
+
 def test_load_from_a_directory_without_index(tmp_path):
     with pytest.raises(LatentragError, match="manifest.json: no such file"):
         BM25Retriever().load(tmp_path)
@@ -270,8 +390,8 @@ def test_a_damaged_index_is_stale(tmp_path):
     retriever = BM25Retriever()
     retriever.index(corpus)
     retriever.save(tmp_path)
-    (tmp_path / "weights.npz").write_bytes(b"not a zip file")
-    with pytest.raises(StaleIndexError, match="weights.npz: unreadable"):
+    (tmp_path / "index.npz").write_bytes(b"not a zip file")
+    with pytest.raises(StaleIndexError, match="index.npz: unreadable"):
         BM25Retriever().load(tmp_path, corpus)
     retriever.save(tmp_path)  # saving again repairs it
     BM25Retriever().load(tmp_path, corpus)
@@ -287,10 +407,10 @@ def test_a_failed_save_leaves_no_half_written_index(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(bm25.sp, "save_npz", disk_full)
+    monkeypatch.setattr(bm25.np, "savez", disk_full)
     with pytest.raises(OSError, match="No space"):
         retriever.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab.json", "weights.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.npz", "vocab.json"]
     with pytest.raises(LatentragError, match="manifest.json: no such file"):
         BM25Retriever().load(tmp_path)
 

@@ -52,5 +52,5 @@ def register_components(register) -> None:
         "bm25",
         "latentrag.plugins.bm25.retriever:BM25Retriever",
         BM25Config,
-        "BM25Okapi over a sparse term-weight index (rank-bm25 formula)",
+        "BM25Okapi (rank-bm25 formula), exact top-k with dynamic pruning",
     )
