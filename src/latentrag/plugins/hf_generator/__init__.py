@@ -3,7 +3,6 @@ transformers: see `generator.py`). The model name is checked here, without loadi
 
 from __future__ import annotations
 
-import string
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -11,6 +10,7 @@ from pydantic import Field, field_validator
 from latentrag import hookimpl
 from latentrag.core.config import StrictModel
 from latentrag.plugins.hub_models import check_model_setting
+from latentrag.plugins.prompt_template import check_prompt_template
 
 DEFAULT_TEMPLATE = "Context: {passage}\nQuestion: {question}\nAnswer:"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
@@ -67,13 +67,7 @@ class HFGeneratorConfig(StrictModel):
     @field_validator("prompt_template")
     @classmethod
     def _template_fields(cls, value: str) -> str:
-        try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
-        except ValueError as exc:
-            raise ValueError(f"not a format string: {exc}") from None
-        if fields != {"question", "passage"}:
-            raise ValueError(f"must use exactly {{question}} and {{passage}}, found {fields}")
-        return value
+        return check_prompt_template(value)
 
 
 @hookimpl

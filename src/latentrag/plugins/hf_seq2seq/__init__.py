@@ -4,13 +4,12 @@ loading it."""
 
 from __future__ import annotations
 
-import string
-
 from pydantic import Field, field_validator
 
 from latentrag import hookimpl
 from latentrag.core.config import StrictModel
 from latentrag.plugins.hub_models import check_model_setting
+from latentrag.plugins.prompt_template import check_prompt_template
 
 DEFAULT_TEMPLATE = "question: {question} context: {passage}"
 TINY_MODELS = ("tiny-t5",)
@@ -39,13 +38,7 @@ class HFSeq2SeqConfig(StrictModel):
     @field_validator("template")
     @classmethod
     def _template_fields(cls, value: str) -> str:
-        try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
-        except ValueError as exc:
-            raise ValueError(f"not a format string: {exc}") from None
-        if fields != {"question", "passage"}:
-            raise ValueError(f"must use exactly {{question}} and {{passage}}, found {fields}")
-        return value
+        return check_prompt_template(value)
 
 
 @hookimpl
