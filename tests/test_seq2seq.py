@@ -310,6 +310,15 @@ def test_grerank_inference_reads_the_second_ranked_passage_through_the_hard_mask
     print(f"2nd-ranked gold: EM top-1 reading {top1_em:.2f}, G-Rerank hard top-k {joint_em:.2f}")
     assert joint_em == 1.0
     assert top1_em == 0.0
+    joint_reads = []
+    read_jointly = generator.generate_joint
+    generator.generate_joint = lambda *args: joint_reads.append(args[2]) or read_jointly(*args)
+    answer = grerank.answer(batch.examples[0].question, max_new_tokens=1)
+    assert len(joint_reads) == 1 and joint_reads[0].shape == (1, 4)  # all K under the mask
+    assert answer.text == codes[0]  # `latentrag ask` reads as predict does
+    gold_row = prior.order[batch.examples[0].question][1]
+    assert [p.id for p in answer.passages] == [corpus[gold_row].id]  # what the mask kept
+    assert plain.answer(batch.examples[0].question, max_new_tokens=1).text != codes[0]
 
 
 def test_joint_generation_of_one_unmasked_passage_is_ordinary_generation(one_thread):

@@ -379,6 +379,14 @@ class Pipeline:
         """G-Rerank inference: the prior's top K candidates (K: the estimator's `k` when it
         has one, as in training, else `rerank_pool`) read at once under the reranker's hard
         top-k mask (`log_mask(scores, training=False)`)."""
+        pool, _, log_mask = self._joint_reading(batch)
+        return self.generator.generate_joint(  # type: ignore[union-attr]
+            batch.questions, self.passages(pool.indices), log_mask, max_new_tokens
+        )
+
+    def _joint_reading(self, batch: Batch) -> tuple[Candidates, Tensor, Tensor]:
+        """The pool a joint reader reads, the reranker's scores of it (-inf on padding) and
+        the hard log mask over it, each [B,K]."""
         k = getattr(getattr(self.estimator, "config", None), "k", None)
         k = k if isinstance(k, int) else self.rerank_pool
         pool = self.candidates(batch, "prior", k)
@@ -386,10 +394,7 @@ class Pipeline:
         valid = pool.valid().to(scores.device)
         scores = scores.masked_fill(~valid, float("-inf"))
         log_mask = self.reranker.log_mask(scores, training=False, valid=valid)  # type: ignore[union-attr]
-        texts = self.passages(pool.indices)
-        return self.generator.generate_joint(  # type: ignore[union-attr]
-            batch.questions, texts, log_mask, max_new_tokens
-        )
+        return pool, scores, log_mask
 
     @torch.no_grad()
     def answer(
@@ -399,10 +404,14 @@ class Pipeline:
 
         k and max_new_tokens default to the config's [eval] `passages` and `max_new_tokens`
         (1 and 16 without a config), so the answer is the one an evaluation gives; the
-        answer text is None when the pipeline has no generator."""
+        answer text is None when the pipeline has no generator. A pipeline that reads
+        jointly (G-Rerank, see `predict`) answers as it predicts, and returns the passages
+        the hard mask kept, best first (k does not apply)."""
         settings = self.config.pipeline.eval if self.config is not None else None
-        k = min(k or (settings.passages if settings else 1), len(self.corpus))
         max_new_tokens = max_new_tokens or (settings.max_new_tokens if settings else 16)
+        if self.generator is not None and self.reads_jointly:
+            return self._answer_jointly(question, max_new_tokens)
+        k = min(k or (settings.passages if settings else 1), len(self.corpus))
         top = self.retrieve([question], k)
         found = zip(top.indices[0].tolist(), top.scores[0].tolist(), top.valid()[0].tolist())
         passages = tuple(_retrieved(self.corpus[row], score) for row, score, ok in found if ok)
@@ -411,6 +420,20 @@ class Pipeline:
             read = [[p.text for p in passages]]
             text = self.generator.generate([question], read, max_new_tokens)[0]
         return Answer(question, text, passages)
+
+    def _answer_jointly(self, question: str, max_new_tokens: int) -> Answer:
+        batch = Batch([Example(id="question", question=question)])
+        pool, scores, log_mask = self._joint_reading(batch)
+        text = self.generator.generate_joint(  # type: ignore[union-attr]
+            [question], self.passages(pool.indices), log_mask, max_new_tokens
+        )[0]
+        kept = (log_mask[0] > -1.0).tolist()  # a hard mask's log: 0 where kept, LOG_ZERO not
+        rows = zip(pool.indices[0].tolist(), scores[0].tolist(), kept)
+        passages = sorted(
+            (_retrieved(self.corpus[row], score) for row, score, keep in rows if keep),
+            key=lambda passage: -passage.score,
+        )
+        return Answer(question, text, tuple(passages))
 
 
 def _retrieved(passage: Passage, score: float) -> RetrievedPassage:
