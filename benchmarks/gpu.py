@@ -3,11 +3,15 @@ the same run in fp32 on the CPU: seconds per step and peak memory.
 
     .venv/bin/python benchmarks/gpu.py --device cuda [--steps 5] [--estimators topk,jsa]
     .venv/bin/python benchmarks/gpu.py --device cpu --steps 2   # runs anywhere
+    .venv/bin/python benchmarks/gpu.py --device cuda --gradient-checkpointing
 
 Models: the packaged MiniLM as the `dpr` retriever (and posterior, for vrag / jsa; the
 `gumbel` reranker's inner cross-encoder for G-Rerank) and SmolLM2-135M with LoRA as the
 generator, on the toy corpus (12 passages, so indexing is instant), batches of 2, k = 4.
 `train.device` and `train.precision` set the run (weights stay float32; bf16 is autocast).
+--gradient-checkpointing sets the generator's `gradient_checkpointing` (activations
+recomputed in backward: less memory, more time) in every run whose generator trains (not
+G-Rerank's, which is frozen); the CPU reference runs get it too, so the rows compare.
 
 Each run is its own process, so that its peak memory is its own: on cuda the peak allocated
 GPU memory (torch.cuda.max_memory_allocated), on the CPU the peak resident set size
@@ -34,7 +38,9 @@ ESTIMATORS = ("topk", "topk-token", "vrag", "jsa", "pdist", "loop", "emdr2", "gu
 ENCODER = {"model": "minilm", "precision": "float32", "max_length": 64}
 
 
-def run_config(estimator: str, device: str, precision: str, steps: int) -> dict[str, Any]:
+def run_config(
+    estimator: str, device: str, precision: str, steps: int, checkpointing: bool = False
+) -> dict[str, Any]:
     """The run's config: real small models on the toy corpus."""
     data: dict[str, Any] = {
         "data": {"source": "toy"},
@@ -63,10 +69,14 @@ def run_config(estimator: str, device: str, precision: str, steps: int) -> dict[
         data["estimator"] = {"name": "gumbel", "k": 4, "k_keep": 2}
         data["generator"]["freeze"] = True
         del data["generator"]["lora"]
+    elif checkpointing:  # a frozen generator refuses it: nothing is checkpointed in eval mode
+        data["generator"]["gradient_checkpointing"] = True
     return data
 
 
-def one_run(estimator: str, device: str, precision: str, steps: int) -> dict[str, Any]:
+def one_run(
+    estimator: str, device: str, precision: str, steps: int, checkpointing: bool = False
+) -> dict[str, Any]:
     """Train one configuration in this process; its seconds per step and peak memory."""
     import resource
 
@@ -77,7 +87,8 @@ def one_run(estimator: str, device: str, precision: str, steps: int) -> dict[str
     from latentrag.toy.corpus import toy_corpus, toy_examples
     from latentrag.training.loop import Trainer
 
-    resolved = resolve(run_config(estimator, device, precision, steps), source="gpu.py")
+    data = run_config(estimator, device, precision, steps, checkpointing)
+    resolved = resolve(data, source="gpu.py")
     with tempfile.TemporaryDirectory() as out:
         pipeline = Pipeline.from_config(resolved, toy_corpus())
         trainer = Trainer(pipeline, resolved, toy_examples(), out_dir=out, progress=False)
@@ -104,8 +115,11 @@ def one_run(estimator: str, device: str, precision: str, steps: int) -> dict[str
     }
 
 
-def in_subprocess(estimator: str, device: str, precision: str, steps: int) -> dict[str, Any]:
+def in_subprocess(
+    estimator: str, device: str, precision: str, steps: int, checkpointing: bool = False
+) -> dict[str, Any]:
     args = [sys.executable, __file__, "--one", estimator, device, precision, str(steps)]
+    args += ["--gradient-checkpointing"] if checkpointing else []
     done = subprocess.run(args, capture_output=True, text=True)
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["failed"])[-1]
@@ -129,17 +143,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--estimators", default=",".join(ESTIMATORS))
     parser.add_argument("--no-cpu-reference", action="store_true", help="skip the fp32 CPU runs")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="generator.gradient_checkpointing = true (where the generator trains)",
+    )
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         estimator, device, precision, steps = args.one
-        print(json.dumps(one_run(estimator, device, precision, int(steps))))
+        run = one_run(estimator, device, precision, int(steps), args.gradient_checkpointing)
+        print(json.dumps(run))
         return
     print(f"{'estimator':<11} {'device':<7} {'prec':<5} {'s/step':>8} {'peak':>13}")
+    checkpointing = args.gradient_checkpointing
     for estimator in args.estimators.split(","):
-        print(row(in_subprocess(estimator, args.device, "bf16", args.steps)), flush=True)
+        gpu = in_subprocess(estimator, args.device, "bf16", args.steps, checkpointing)
+        print(row(gpu), flush=True)
         if not args.no_cpu_reference:
-            print(row(in_subprocess(estimator, "cpu", "fp32", args.steps)), flush=True)
+            cpu = in_subprocess(estimator, "cpu", "fp32", args.steps, checkpointing)
+            print(row(cpu), flush=True)
 
 
 if __name__ == "__main__":

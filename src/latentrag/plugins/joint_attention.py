@@ -383,9 +383,7 @@ def _tail_mask(
     causal = torch.ones(tail, tail, dtype=torch.bool, device=device).tril()
     own = torch.where(causal, torch.zeros((), dtype=dtype, device=device), blocked)
     batch = segments.shape[0]
-    return torch.cat(
-        [past.expand(batch, 1, tail, -1), own.expand(batch, 1, tail, tail)], dim=-1
-    )
+    return torch.cat([past.expand(batch, 1, tail, -1), own.expand(batch, 1, tail, tail)], dim=-1)
 
 
 def pick_target_logprobs(logits: Tensor, target: Tensor, target_mask: Tensor) -> Tensor:
@@ -617,7 +615,83 @@ def fid_generate(
     return [text.strip() for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)]
 
 
+def _answer_row(layout: JointLayout, doc_log_mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The additive mask [B, L] of an answer token over the layout's keys: log m_k towards
+    passage k, 0 towards the question, the dtype's minimum on padding (the row of
+    `joint_attention_mask` for a question or answer token, past the whole layout)."""
+    seg, tail = layout.segments, layout.num_passages
+    if doc_log_mask is None:
+        doc_log_mask = torch.zeros(seg.shape[0], tail, device=seg.device)
+    bias = doc_log_mask.to(seg.device, dtype).gather(1, seg.clamp(0, tail - 1))
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=seg.device)
+    row = torch.where((seg >= 0) & (seg < tail), bias, blocked)
+    return row.masked_fill(seg == tail, 0.0)
+
+
+def _output_cache(output):
+    """The key/value cache a forward returned (transformers 5.x: `cache`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 @torch.no_grad()
+def joint_generate_ids(
+    model,
+    tokenizer,
+    queries: Sequence[str],
+    passages: Sequence[Sequence[str]],
+    doc_log_mask: Tensor | None = None,
+    prompt: JointPrompt = JointPrompt(),
+    max_new_tokens: int = 16,
+    stop_ids: Sequence[int] = (),
+) -> list[list[int]]:
+    """Greedy answer token ids (stop token excluded) of a decoder-only LM reading the K
+    passages in parallel, as `joint_loglik` scores them: the answer continues the
+    question and sees passage k with the bias doc_log_mask[:, k] (at inference the hard
+    top-k mask: 0 or LOG_ZERO).
+
+    The passages and the question are read once under `joint_attention_mask`, keeping
+    their keys and values; each step then runs the new token alone over that cache, with
+    the question's mask row (passage k: log m_k; question and earlier answer tokens: 0)."""
+    stops = set(stop_ids) | {tokenizer.eos_token_id}
+    bare = replace(prompt, answer="", answer_eos=False)  # the answer is generated here
+    layout = build_layout(tokenizer, queries, passages, [""] * len(queries), bare)
+    device, dtype = _model_device(model), _model_dtype(model)
+    layout = layout.to(device)
+    keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
+    output = model(
+        input_ids=layout.input_ids,
+        position_ids=layout.position_ids,
+        attention_mask=joint_attention_mask(layout, doc_log_mask, dtype),
+        use_cache=True,
+        **keep,
+    )
+    row = _answer_row(layout, doc_log_mask, dtype)  # grows by one 0 per generated token
+    position = layout.position_ids[:, -1:] + 1
+    answers: list[list[int]] = [[] for _ in queries]
+    done = [False] * len(queries)
+    for step in range(max_new_tokens):
+        tokens = output.logits[:, -1].argmax(-1)
+        for b, token in enumerate(tokens.tolist()):
+            done[b] = done[b] or token in stops
+            if not done[b]:
+                answers[b].append(token)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        row = torch.cat([row, row.new_zeros(row.shape[0], 1)], dim=1)
+        cache = {_cache_keyword(model): _output_cache(output)}
+        output = model(
+            input_ids=tokens[:, None],
+            position_ids=position,
+            attention_mask=row[:, None, None, :],
+            use_cache=True,
+            **cache,
+            **keep,
+        )
+        position = position + 1
+    return answers
+
+
 def joint_generate(
     model,
     tokenizer,
@@ -628,58 +702,9 @@ def joint_generate(
     max_new_tokens: int = 16,
     stop_ids: Sequence[int] = (),
 ) -> list[str]:
-    """Greedy answers of a decoder-only LM reading the K passages in parallel, as
-    `joint_loglik` scores them: the answer continues the question, sees passage k with
-    the bias doc_log_mask[:, k] (at inference the hard top-k mask: 0 or LOG_ZERO).
-    Recomputes the whole layout per token (no cache): meant for short answers."""
-    stops = set(stop_ids) | {tokenizer.eos_token_id}
-    bare = replace(prompt, answer="", answer_eos=False)  # the answer is generated here
-    pieces = [
-        example_pieces(tokenizer, q, ps, "", bare) for q, ps in zip(queries, passages, strict=True)
-    ]
-    answers: list[list[int]] = [[] for _ in queries]
-    done = [False] * len(queries)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for _ in range(max_new_tokens):
-        rows = [
-            ExamplePieces(p.passages, p.question, answer)
-            for p, answer in zip(pieces, answers, strict=True)
-        ]
-        layout = _pieces_batch(rows, pad_id)
-        logits = joint_forward(model, layout, doc_log_mask, keep=1)[:, -1]
-        for b, token in enumerate(logits.argmax(-1).tolist()):
-            if not done[b]:
-                done[b] = token in stops
-                if not done[b]:
-                    answers[b].append(token)
-        if all(done):
-            break
+    """`joint_generate_ids` decoded: special tokens stripped, cut at the first newline."""
+    answers = joint_generate_ids(
+        model, tokenizer, queries, passages, doc_log_mask, prompt, max_new_tokens, stop_ids
+    )
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     return [text.split("\n", 1)[0].strip() for text in texts]
-
-
-def _pieces_batch(rows: Sequence[ExamplePieces], pad_id: int) -> JointLayout:
-    """The left-padded joint layout of token pieces (the answer may be empty)."""
-    flat = []
-    for pieces in rows:
-        ids: list[int] = []
-        positions: list[int] = []
-        segments: list[int] = []
-        for k, tokens in enumerate(pieces.passages):
-            ids += tokens
-            positions += range(len(tokens))
-            segments += [k] * len(tokens)
-        start = max((p + 1 for p in positions), default=0)
-        tail = pieces.question + pieces.answer
-        ids += tail
-        positions += range(start, start + len(tail))
-        segments += [len(pieces.passages)] * len(tail)
-        is_answer = [False] * (len(ids) - len(pieces.answer)) + [True] * len(pieces.answer)
-        flat.append((ids, positions, segments, is_answer))
-    length = max(len(ids) for ids, *_ in flat)
-    fills = ((pad_id, torch.long), (0, torch.long), (PAD_SEGMENT, torch.long), (False, torch.bool))
-    columns = []
-    for index, (fill, dtype) in enumerate(fills):
-        padded = [[fill] * (length - len(row[0])) + row[index] for row in flat]
-        columns.append(torch.tensor(padded, dtype=dtype))
-    return JointLayout(*columns, num_passages=len(rows[0].passages))

@@ -34,11 +34,10 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from latentrag.core.errors import ConfigError
-from latentrag.core.interfaces import Generator, Reduce
 from latentrag.plugins.encoders import native_bf16
 from latentrag.plugins.hf_generator import TINY_MODELS, HFGeneratorConfig, LoraSettings, smollm2
 from latentrag.plugins.hf_generator.passage_cache import PassageCache
+from latentrag.plugins.hf_model_base import HFGeneratorBase, common_width, load_error
 from latentrag.plugins.hub_models import local_model_dir
 from latentrag.plugins.joint_attention import (
     JointPrompt,
@@ -86,8 +85,7 @@ def load_model_and_tokenizer(config: HFGeneratorConfig):
         )
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"generator.model: cannot load {str(directory)!r}: {first_line}") from exc
+        raise load_error(directory, exc) from exc
     return model.eval(), tokenizer
 
 
@@ -124,23 +122,18 @@ def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     return ids.flip(1), mask.flip(1)
 
 
-class HFCausalLMGenerator(Generator, nn.Module):
+class HFCausalLMGenerator(HFGeneratorBase):
     """A transformers causal LM scoring and generating answers given passages."""
 
     def __init__(self, config: HFGeneratorConfig | None = None) -> None:
         nn.Module.__init__(self)
         self.config = config or HFGeneratorConfig()
-        model, self.tokenizer = load_model_and_tokenizer(self.config)
-        if self.tokenizer.eos_token_id is None:
-            raise ConfigError(f"generator.model {self.config.model!r}: tokenizer has no eos token")
+        model, tokenizer = load_model_and_tokenizer(self.config)
         # architectures without it get full logits, sliced afterwards (more memory)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         if self.config.lora is not None:
             model = add_lora(model, self.config.lora, self.config.seed)
-        if self.config.freeze:
-            model.requires_grad_(False)
-        self.model = model
-        self.train(False)  # like from_pretrained; the trainer switches `model` to training
+        self._init_model(model, tokenizer, self.config)
         self._truncated: dict[str, str] = {}
         self._pieces = _split_template(self.config.prompt_template)
         self._prefixes: dict[str, list[int]] = {}
@@ -150,42 +143,7 @@ class HFCausalLMGenerator(Generator, nn.Module):
             budget = int(self.config.passage_cache_mb * 2**20)
             self.passage_cache = PassageCache(budget, storage)
 
-    # -- Component -------------------------------------------------------------------
-
-    def trainable_modules(self) -> dict[str, nn.Module]:
-        if self.config.freeze:
-            return {}
-        return {"lm": self.model}
-
-    def state_dict(self) -> dict[str, Tensor]:  # type: ignore[override]
-        """The trainable parameters only (all weights, or just the LoRA adapters)."""
-        return {
-            f"lm.{name}": param.detach()
-            for name, param in self.model.named_parameters()
-            if param.requires_grad
-        }
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:  # type: ignore[override]
-        expected = set(self.state_dict())
-        missing, unexpected = expected - set(state), set(state) - expected
-        if missing or unexpected:
-            raise ValueError(
-                f"generator checkpoint mismatch: missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}"
-            )
-        own = {key.removeprefix("lm."): value for key, value in state.items()}
-        self.model.load_state_dict(own, strict=False)
-
     # -- tokenisation ----------------------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.tokenizer.eos_token_id
 
     def _truncate(self, passages: Sequence[str]) -> list[str]:
         """Passages cut to `max_passage_tokens` tokens (cached per text)."""
@@ -241,7 +199,7 @@ class HFCausalLMGenerator(Generator, nn.Module):
     ) -> tuple[Tensor, Tensor]:
         if not len(queries) == len(passages) == len(targets):
             raise ValueError("queries, passages and targets must have the same length")
-        k = _common_width(passages)
+        k = common_width(passages)
         flat_queries = [q for q, row in zip(queries, passages) for _ in row]
         flat_passages = [p for row in passages for p in row]
         target_ids = self._target_ids(targets)
@@ -251,21 +209,6 @@ class HFCausalLMGenerator(Generator, nn.Module):
         mask = torch.arange(logprobs.shape[1]) < lengths[:, None]
         mask = mask.to(logprobs.device)
         return logprobs.view(len(queries), k, -1), mask
-
-    def loglik(
-        self,
-        queries: Sequence[str],
-        passages: Sequence[Sequence[str]],
-        targets: Sequence[str],
-        reduce: Reduce = "sum",
-    ) -> Tensor:
-        logprobs, mask = self.token_logprobs(queries, passages, targets)
-        total = logprobs.sum(-1)  # padded target slots hold 0
-        if reduce == "sum":
-            return total
-        if reduce == "mean":
-            return total / mask.sum(-1, keepdim=True)
-        raise ValueError(f"reduce must be 'sum' or 'mean', not {reduce!r}")
 
     def _pair_logprobs(
         self, queries: list[str], passages: list[str], target_ids: list[list[int]]
@@ -416,16 +359,12 @@ class HFCausalLMGenerator(Generator, nn.Module):
             pad_token_id=self.pad_id,
             eos_token_id=self._stop_ids(),
         )
-        was_training = self.model.training  # the trainer toggles the model, not this wrapper
-        self.model.eval()
-        try:
-            answers: list[str] = []
+        answers: list[str] = []
+        with self._evaluating():
             for start in range(0, len(prompts), self.config.batch_size):
                 chunk = prompts[start : start + self.config.batch_size]
                 answers.extend(self._generate_chunk(chunk, settings))
-            return answers
-        finally:
-            self.model.train(was_training)
+        return answers
 
     def generate_joint(
         self,
@@ -439,10 +378,8 @@ class HFCausalLMGenerator(Generator, nn.Module):
         prompt = JointPrompt.from_template(
             self.config.prompt_template, self.config.max_passage_tokens
         )
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            answers: list[str] = []
+        answers: list[str] = []
+        with self._evaluating():
             for start in range(0, len(queries), self.config.batch_size):
                 end = start + self.config.batch_size
                 answers += joint_generate(
@@ -455,9 +392,7 @@ class HFCausalLMGenerator(Generator, nn.Module):
                     max_new_tokens or self.config.max_new_tokens,
                     self._stop_ids(),
                 )
-            return answers
-        finally:
-            self.model.train(was_training)
+        return answers
 
     def _generate_chunk(self, prompts: list[list[int]], settings: GenerationConfig) -> list[str]:
         ids, attention = pad_left(prompts, self.pad_id)
@@ -474,10 +409,3 @@ def _split_template(template: str) -> tuple[str, str] | None:
     """(up to and with "{passage}", the rest) when the passage comes before the question."""
     cut = template.find("{passage}") + len("{passage}")
     return (template[:cut], template[cut:]) if template.find("{question}") >= cut else None
-
-
-def _common_width(passages: Sequence[Sequence[str]]) -> int:
-    widths = {len(row) for row in passages}
-    if len(widths) != 1 or 0 in widths:
-        raise ValueError(f"every query needs the same number K>=1 of passages, got {widths}")
-    return widths.pop()

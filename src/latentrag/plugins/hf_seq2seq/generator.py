@@ -17,8 +17,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from latentrag.core.errors import ConfigError
-from latentrag.core.interfaces import Generator, Reduce
+from latentrag.plugins.hf_model_base import HFGeneratorBase, common_width, load_error
 from latentrag.plugins.hf_seq2seq import TINY_MODELS, HFSeq2SeqConfig
 from latentrag.plugins.hub_models import local_model_dir
 from latentrag.plugins.joint_attention import (
@@ -42,57 +41,17 @@ def load_model_and_tokenizer(config: HFSeq2SeqConfig):
         model = AutoModelForSeq2SeqLM.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"generator.model: cannot load {str(directory)!r}: {first_line}") from exc
+        raise load_error(directory, exc) from exc
     return model.eval(), tokenizer
 
 
-class HFSeq2SeqGenerator(Generator, nn.Module):
+class HFSeq2SeqGenerator(HFGeneratorBase):
     """A transformers encoder-decoder LM scoring and generating answers given passages."""
 
     def __init__(self, config: HFSeq2SeqConfig | None = None) -> None:
         nn.Module.__init__(self)
         self.config = config or HFSeq2SeqConfig()
-        model, self.tokenizer = load_model_and_tokenizer(self.config)
-        if self.tokenizer.eos_token_id is None:
-            raise ConfigError(f"generator.model {self.config.model!r}: tokenizer has no eos token")
-        if self.config.freeze:
-            model.requires_grad_(False)
-        self.model = model
-        self.train(False)
-
-    # -- Component -------------------------------------------------------------------
-
-    def trainable_modules(self) -> dict[str, nn.Module]:
-        return {} if self.config.freeze else {"lm": self.model}
-
-    def state_dict(self) -> dict[str, Tensor]:  # type: ignore[override]
-        """The trainable parameters only."""
-        return {
-            f"lm.{name}": param.detach()
-            for name, param in self.model.named_parameters()
-            if param.requires_grad
-        }
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:  # type: ignore[override]
-        expected = set(self.state_dict())
-        if expected != set(state):
-            missing, unexpected = expected - set(state), set(state) - expected
-            raise ValueError(
-                f"generator checkpoint mismatch: missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}"
-            )
-        own = {key.removeprefix("lm."): value for key, value in state.items()}
-        self.model.load_state_dict(own, strict=False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.tokenizer.eos_token_id
+        self._init_model(*load_model_and_tokenizer(self.config), self.config)
 
     # -- tokenisation ----------------------------------------------------------------
 
@@ -120,10 +79,7 @@ class HFSeq2SeqGenerator(Generator, nn.Module):
     ) -> tuple[Tensor, Tensor]:
         if not len(queries) == len(passages) == len(targets):
             raise ValueError("queries, passages and targets must have the same length")
-        widths = {len(row) for row in passages}
-        if len(widths) != 1 or 0 in widths:
-            raise ValueError(f"every query needs the same number K>=1 of passages, got {widths}")
-        k = widths.pop()
+        k = common_width(passages)
         texts = self._encoder_texts(
             [q for q, row in zip(queries, passages) for _ in row],
             [p for row in passages for p in row],
@@ -155,21 +111,6 @@ class HFSeq2SeqGenerator(Generator, nn.Module):
         ).logits
         labels = labels.to(device)
         return pick_target_logprobs(logits, labels.clamp_min(0), labels >= 0)
-
-    def loglik(
-        self,
-        queries: Sequence[str],
-        passages: Sequence[Sequence[str]],
-        targets: Sequence[str],
-        reduce: Reduce = "sum",
-    ) -> Tensor:
-        logprobs, mask = self.token_logprobs(queries, passages, targets)
-        total = logprobs.sum(-1)
-        if reduce == "sum":
-            return total
-        if reduce == "mean":
-            return total / mask.sum(-1, keepdim=True)
-        raise ValueError(f"reduce must be 'sum' or 'mean', not {reduce!r}")
 
     def loglik_joint(
         self,
@@ -215,10 +156,8 @@ class HFSeq2SeqGenerator(Generator, nn.Module):
     ) -> list[str]:
         """Greedy answers reading all K passages as `loglik_joint` does, passage k biased
         by doc_log_mask[:, k] (G-Rerank inference: the hard top-k mask)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            answers: list[str] = []
+        answers: list[str] = []
+        with self._evaluating():
             for start in range(0, len(queries), self.config.batch_size):
                 end = start + self.config.batch_size
                 answers += fid_generate(
@@ -231,6 +170,4 @@ class HFSeq2SeqGenerator(Generator, nn.Module):
                     self.config.template,
                     self.config.max_passage_tokens,
                 )
-            return answers
-        finally:
-            self.model.train(was_training)
+        return answers
