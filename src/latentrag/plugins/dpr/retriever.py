@@ -12,7 +12,10 @@ the prior p(h|x) or, reading "question answer", the posterior q(h|x,y).
 `query_prefix` / `passage_prefix` (E5's "query: " / "passage: ", BGE's instruction) are
 prepended to every query and passage text before tokenisation: when indexing, refreshing,
 retrieving and scoring. The passage prefix decides the stored vectors, so it is part of the
-index manifest; the query prefix is not (it changes no stored vector).
+index manifest; the query prefix is not (it changes no stored vector). A model's named
+prompts (`query_prompt_name` / `passage_prompt_name`, or its default prompt) are prefixes
+too. `query_model` / `passage_model` load two separate checkpoints instead of one `model`:
+DPR's question and context encoders (vectors: their pooler output), or any asymmetric pair.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from latentrag.core.errors import LatentragError
+from latentrag.core.errors import ConfigError, LatentragError
 from latentrag.core.interfaces import Retriever
 from latentrag.core.types import Candidates, Corpus
 from latentrag.plugins.dpr import DPRConfig
@@ -42,6 +45,7 @@ from latentrag.plugins.dpr.faiss_index import (
     search,
 )
 from latentrag.plugins.encoders import SentenceEncoder, load_sentence_encoder, state_fingerprint
+from latentrag.plugins.st_layout import read_layout
 
 #: corpora larger than this show a progress bar while encoding
 PROGRESS_THRESHOLD = 1000
@@ -77,10 +81,18 @@ class DPRRetriever(Retriever, nn.Module):
         nn.Module.__init__(self)
         self.config = config or DPRConfig()
         cfg = self.config
-        self.query_encoder = load_sentence_encoder(
-            cfg.model, cfg.seed, cfg.max_length, cfg.normalize, cfg.precision
-        )
-        self.passage_encoder = self.query_encoder if cfg.shared_encoders else self._copy()
+        #: the texts put before every query / passage (a prefix or the model's prompt)
+        self.query_prefix, self.passage_prefix = cfg.prefixes()
+        self.query_encoder = self._load(cfg.query_model or cfg.model, self.query_prefix)
+        if cfg.passage_model is not None:  # a separate checkpoint (DPR's context encoder)
+            self.passage_encoder = self._load(cfg.passage_model, self.passage_prefix)
+            self.passage_encoder.requires_grad_(cfg.train_passage_encoder)
+            self._check_dims()
+        elif cfg.shared_encoders:
+            self.passage_encoder = self.query_encoder
+        else:
+            self._check_prompt_pooling(cfg.model, self.passage_prefix)
+            self.passage_encoder = self._copy()
         self.corpus: Corpus | None = None
         self._texts: list[str] = []
         self._store: VectorStore | None = None
@@ -89,6 +101,28 @@ class DPRRetriever(Retriever, nn.Module):
         #: called with the rows encoded after each chunk of a build (tests, benchmarks)
         self.on_chunk: Callable[[int], None] | None = None
         self.eval()  # like a loaded pretrained model; the trainer switches to train mode
+
+    def _load(self, model: str, prefix: str) -> SentenceEncoder:
+        cfg = self.config
+        self._check_prompt_pooling(model, prefix)
+        return load_sentence_encoder(model, cfg.seed, cfg.max_length, cfg.normalize, cfg.precision)
+
+    @staticmethod
+    def _check_prompt_pooling(model: str, prefix: str) -> None:
+        """Pooling that leaves the prompt out (include_prompt = false) is not implemented:
+        refused when a prefix is in effect (without one it changes nothing)."""
+        if prefix and not read_layout(model).include_prompt:
+            raise ConfigError(
+                f"dpr: model {model!r} pools with include_prompt = false, which is not "
+                "supported with a query/passage prefix or prompt"
+            )
+
+    def _check_dims(self) -> None:
+        dims = (self.query_encoder.dim, self.passage_encoder.dim)
+        if dims[0] != dims[1]:
+            raise ConfigError(
+                f"dpr: query_model gives {dims[0]}-dimensional vectors, passage_model {dims[1]}"
+            )
 
     def _copy(self) -> SentenceEncoder:
         encoder = self.query_encoder.clone()
@@ -193,12 +227,12 @@ class DPRRetriever(Retriever, nn.Module):
     def _attach(self, corpus: Corpus) -> None:
         """Hold `corpus` and the texts its passages are encoded from (prefix included)."""
         self.corpus = corpus
-        prefix = self.config.passage_prefix
+        prefix = self.passage_prefix
         self._texts = [prefix + text for text in corpus.texts(with_title=self.config.with_title)]
 
     def _query_texts(self, queries: Sequence[str]) -> list[str]:
         """The texts the query encoder reads: `query_prefix` + each query."""
-        return [self.config.query_prefix + query for query in queries]
+        return [self.query_prefix + query for query in queries]
 
     def _manifest(self, model_fingerprint: str) -> IndexManifest:
         assert self.corpus is not None
@@ -211,14 +245,14 @@ class DPRRetriever(Retriever, nn.Module):
             num_vectors=len(self.corpus),
             encoder_settings=self._encoder_settings(),
             index_params=options.structure(len(self.corpus)),
-            model=self.config.model,
+            model=self.config.passage_model or self.config.model,
         )
 
     def _encoder_settings(self) -> dict:
         """What besides the weights decides the stored vectors."""
         settings = {**self.passage_encoder.settings(), "with_title": self.config.with_title}
-        if self.config.passage_prefix:  # manifests without a prefix stay as they were
-            settings["passage_prefix"] = self.config.passage_prefix
+        if self.passage_prefix:  # manifests without a prefix stay as they were
+            settings["passage_prefix"] = self.passage_prefix
         return settings
 
     def _index_dir(self) -> Path | None:
