@@ -153,3 +153,82 @@ def test_changed_entries_are_the_per_example_updates():
     assert distributed.changed_entries(before, after) == {"cache": {"b": "p3", "c": "p4"}}
     # alone (no process group) merging is the identity
     assert distributed.merge_example_state(before, after) == after
+
+
+# -- train.data_parallel: DistributedDataParallel against the exact all-reduce -------------
+
+CHECKS = Path(__file__).with_name("torchrun_checks.py")
+MODES = {"exact": "", "ddp": 'data_parallel = "ddp"\n'}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> Path:
+    """One torchrun launch (2 gloo processes) for every check below: the sharded-encoding
+    and gradient-averaging checks of torchrun_checks.py, then four toy trainings: top-K
+    (grad_accum 1) and JSA (grad_accum 2) under the exact and the ddp path."""
+    root = tmp_path_factory.mktemp("launched")
+    runs = {"topk": (TOPK, "", 1), "jsa": (JSA, POSTERIOR, 2)}
+    configs = []
+    for mode, line in MODES.items():
+        for name, (estimator, posterior, accum) in runs.items():
+            text = CONFIG.format(estimator=estimator, posterior=posterior, steps=4)
+            config = root / f"{name}-{mode}.toml"
+            config.write_text(text + f"grad_accum = {accum}\n" + line)
+            configs.append(str(config))
+    command = [str(TORCHRUN), "--nproc_per_node=2", "--standalone", str(CHECKS), str(root)]
+    result = subprocess.run(
+        [*command, *configs], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):  # the trainers really took the path their config names
+        trainers = json.loads((root / f"rank{rank}.json").read_text())["trainers"]
+        assert [t["mode"] for t in trainers] == ["exact", "exact", "ddp", "ddp"]
+        assert [t["ddp"] for t in trainers] == [False, False, True, True]
+    return root
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load((run / "ckpt-4" / "model.safetensors").read_bytes())
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("estimator", ["topk", "jsa"])
+def test_ddp_trains_the_parameters_the_exact_path_trains(launched, estimator):
+    exact, ddp = launched / f"{estimator}-exact", launched / f"{estimator}-ddp"
+    first = safetensors.torch.load((exact / "ckpt-2" / "model.safetensors").read_bytes())
+    assert max_difference(first, final_weights(exact)) > 1e-4  # the runs did train
+    assert max_difference(final_weights(exact), final_weights(ddp)) <= 1e-6
+    for a, b in zip(metric_lines(exact)[:4], metric_lines(ddp)[:4]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+
+
+def test_ddp_on_two_processes_matches_one_process(launched):
+    config = launched / "topk-ddp.toml"
+    alone = CliRunner().invoke(main, ["train", str(config), "--out", str(launched / "one")])
+    assert alone.exit_code == 0, alone.output
+    one, two = final_weights(launched / "one"), final_weights(launched / "topk-ddp")
+    assert max_difference(one, two) < 1e-5  # as the exact path (first test above)
+
+
+def test_ddp_averages_gradients_as_the_exact_path_does(launched):
+    """Two micro-batches (no_sync on the first), a parameter used on rank 0 only and one
+    used nowhere: DDP's gradients equal the exact all-reduce's, and the unused parameter
+    keeps no gradient in both (so AdamW's weight decay leaves it alone, as alone)."""
+    for rank in (0, 1):
+        grads = json.loads((launched / f"rank{rank}.json").read_text())["gradients"]
+        assert grads["ddp"] == grads["exact"]
+        assert grads["exact"]["never"] is None
+        # rank 0's contribution to `rank0`, x[:, :2] summed over 2 micro-batches, halved
+        assert grads["exact"]["rank0"] == [(1.0 + 2.0) / 2, (2.0 + 2.0) / 2]
+
+
+def test_sharded_encoding_encodes_a_share_per_rank_and_gathers_all(launched):
+    reports = [json.loads((launched / f"rank{r}.json").read_text())["encoding"] for r in (0, 1)]
+    assert [report["8"]["encoded"] for report in reports] == [4, 4]
+    assert [report["7"]["encoded"] for report in reports] == [4, 3]
+    assert [report["1"]["encoded"] for report in reports] == [1, 1]  # fewer texts than ranks
+    assert all(entry["equal"] for report in reports for entry in report.values())

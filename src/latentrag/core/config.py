@@ -181,6 +181,12 @@ class TrainConfig(StrictModel):
         description="autocast for the estimator's forward pass: 'fp32' (none), 'bf16', "
         "'fp16' (with a gradient scaler; GPUs only)",
     )
+    data_parallel: Literal["auto", "exact", "ddp"] = Field(
+        "auto",
+        description="how ranks under torchrun average gradients: 'exact' (one all-reduce per "
+        "parameter, bit-for-bit repeatable on the CPU), 'ddp' (DistributedDataParallel), "
+        "'auto' (ddp when training on CUDA under torchrun, else exact)",
+    )
     keep_optimizer: bool = Field(
         True,
         description="the final checkpoint of a finished run keeps the optimizer state "

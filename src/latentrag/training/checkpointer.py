@@ -4,6 +4,9 @@
 A checkpoint holds the trained components' weights (``model``: ``<role>.<key>``), the
 optimizer (``optimizer``), and in ``state.json`` the `TrainState` (data position, steps
 skipped, last loss, wall time), the RNGs, the estimator's state and the resolved config.
+With ``train.precision = "fp16"`` the gradient scaler's state (loss scale, growth tracker)
+goes with the optimizer's (``state.json``: ``grad_scaler``); a checkpoint without it
+resumes with a fresh scaler.
 Under torchrun rank 0 writes it, with every rank's RNG and estimator state (``ranks``).
 
 With ``train.keep_optimizer = false`` the final checkpoint (step = ``train.steps``) leaves
@@ -100,7 +103,8 @@ class Checkpointer:
     """Writes and restores the checkpoints of one run folder.
 
     components: trained role -> component (each object once); keep_last: how many
-    checkpoints to keep.
+    checkpoints to keep; scaler: fp16's gradient scaler (`device.Precision.scaler`), saved
+    and restored with the optimizer.
     """
 
     def __init__(
@@ -111,8 +115,10 @@ class Checkpointer:
         estimator: Estimator,
         config: ResolvedConfig,
         keep_last: int,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         self.out_dir = out_dir
+        self.scaler = scaler
         self.components = components
         self.optimizer = optimizer
         self.estimator = estimator
@@ -165,6 +171,8 @@ class Checkpointer:
             "estimator": self.estimator.extra_state(),
             "config": json.loads(json.dumps(self.config.to_dict(), default=str)),
         }
+        if optimizer_meta is not None and self.scaler is not None:
+            saved["grad_scaler"] = self.scaler.state_dict()  # floats and ints: JSON
         if self.world > 1:
             saved.update(world_size=self.world, ranks=ranks)
         save_checkpoint(self.out_dir, Checkpoint(step, tensors, saved), self.keep_last)
@@ -211,6 +219,8 @@ class Checkpointer:
             return
         state = unflatten_optimizer(checkpoint.tensors["optimizer"], checkpoint.state["optimizer"])
         self.optimizer.load_state_dict(state)
+        if self.scaler is not None and checkpoint.state.get("grad_scaler"):
+            self.scaler.load_state_dict(checkpoint.state["grad_scaler"])
 
     def restore_rng(self, checkpoint: Checkpoint) -> bool:
         """Set this rank's RNGs as saved; False (with a warning on rank 0) when the

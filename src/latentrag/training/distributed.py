@@ -1,9 +1,21 @@
 """Data-parallel training over torch.distributed, as started by ``torchrun``.
 
 One process per rank. Every rank draws the same seeded global batch of `train.batch_size`
-examples and keeps its own contiguous share (`shard`); after backward the gradients are
-averaged (`average_gradients`: one deterministic all-reduce per parameter), so every rank
-takes the same optimizer step and the parameters stay identical. Only rank 0 writes files.
+examples and keeps its own contiguous share (`shard`); after backward every rank holds the
+gradient averaged over the ranks, so every rank takes the same optimizer step and the
+parameters stay identical. Only rank 0 writes files.
+
+How the gradients are averaged is `train.data_parallel` (`GradientSync`):
+
+- ``"exact"``: after the last micro-batch, `average_gradients` all-reduces every parameter
+  separately (deterministic; bit-for-bit repeatable on the CPU over gloo);
+- ``"ddp"``: torch's DistributedDataParallel wraps the trained modules (`DDPLoss`), whose
+  bucketed all-reduce overlaps backward (nccl on GPUs); ``no_sync`` on all micro-batches
+  but the last. Both give the same parameters (the tests compare them within 1e-6), and
+  in both a parameter that no rank gave a gradient keeps none (AdamW then leaves it alone);
+- ``"auto"``: ddp when training on CUDA under torchrun, exact otherwise.
+
+Under torchrun on GPUs each process trains on ``cuda:LOCAL_RANK``.
 
 Per-example estimator state (JSA's persistent chains) is kept whole on every rank: after each
 step the entries a rank changed are gathered and applied everywhere (`merge_example_state`),
@@ -17,13 +29,20 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import inspect
+import math
 import os
-from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from latentrag.core.interfaces import EstimatorOutput
+from latentrag.core.types import Batch
 
 T = TypeVar("T")
 
@@ -40,6 +59,11 @@ def rank() -> int:
     return dist.get_rank() if active() else int(os.environ.get("RANK", "0"))
 
 
+def local_rank() -> int:
+    """This process's index on its machine (torchrun's LOCAL_RANK): its GPU."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def is_main() -> bool:
     """Whether this process writes files (rank 0, or the only process)."""
     return rank() == 0
@@ -54,7 +78,7 @@ def init_from_env() -> bool:
         return False
     backend = "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank())
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend)
     atexit.register(_shutdown)
@@ -158,3 +182,118 @@ def merge_example_state(before: dict[str, Any], after: dict[str, Any]) -> dict[s
         for name, entries in changes.items():
             merged[name] = {**merged.get(name, {}), **entries}
     return merged
+
+
+# -- how gradients are averaged (train.data_parallel) -----------------------------------
+
+Mode = Literal["exact", "ddp"]
+
+
+def choose_mode(setting: str, device: torch.device, world: int) -> Mode | None:
+    """The averaging a `train.data_parallel` setting means here; None alone (one process)."""
+    if world <= 1:
+        return None
+    if setting == "auto":
+        return "ddp" if device.type == "cuda" else "exact"
+    if setting not in ("exact", "ddp"):
+        raise ValueError(f"unknown data_parallel setting {setting!r}")
+    return setting  # type: ignore[return-value]
+
+
+Loss = Callable[[Batch], EstimatorOutput]
+
+
+class _TrainedModules(nn.Module):
+    """The trained modules under one module, so that DDP sees exactly the trained
+    parameters; its forward is the estimator's loss, which drives them all."""
+
+    def __init__(self, modules: Sequence[nn.Module], loss: Loss) -> None:
+        super().__init__()
+        self.trained = nn.ModuleList(modules)
+        self._loss = loss
+        self._params = [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, batch: Batch) -> EstimatorOutput:
+        out = self._loss(batch)
+        if torch.is_grad_enabled() and not out.loss.requires_grad:
+            out.loss = self._touch_all(out.loss)
+        return out
+
+    def _touch_all(self, loss: Tensor) -> Tensor:
+        """A loss without a graph here would leave this rank out of DDP's all-reduce while
+        the others wait in it. A non-finite one (the step is skipped or stops) gets a zero
+        path to every parameter so the rank takes part; a finite one stays as it is (the
+        trainer reports it)."""
+        if math.isfinite(loss.item()):
+            return loss
+        zero = sum((p.reshape(-1)[:1].sum() * 0.0 for p in self._params), loss.new_zeros(()))
+        return loss.detach() + zero
+
+
+class GradientSync:
+    """How a rank's gradients become the global batch's mean gradient.
+
+    mode: `choose_mode`'s answer (None alone: nothing to do). modules: the trained modules;
+    parameters: the trained parameters (the same, as `RoleParameters` lists them); loss:
+    the estimator's loss on a batch. Use as::
+
+        for last in (False, ..., True):          # the micro-batches
+            with sync.micro_batch(last):
+                out = sync.loss(batch); out.loss.backward()
+        sync.finish()
+    """
+
+    def __init__(
+        self,
+        mode: Mode | None,
+        modules: Sequence[nn.Module],
+        parameters: Sequence[Tensor],
+        loss: Loss,
+    ) -> None:
+        self.mode = mode
+        self.parameters = list(parameters)
+        self._loss = loss
+        self.ddp: DistributedDataParallel | None = None
+        if mode == "ddp":
+            holder = _TrainedModules(_unique(modules), loss)
+            _check_same_parameters(holder._params, self.parameters)
+            # device_ids=None: one device per process, and batches (text) stay where they are
+            self.ddp = DistributedDataParallel(
+                holder, find_unused_parameters=True, **_no_buffer_sync()
+            )
+
+    @contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        """The context of one micro-batch's forward and backward: DDP all-reduces only
+        during the last one (gradients accumulate locally before)."""
+        context = self.ddp.no_sync() if self.ddp is not None and not last else nullcontext()
+        with context:
+            yield
+
+    def loss(self, batch: Batch) -> EstimatorOutput:
+        return self.ddp(batch) if self.ddp is not None else self._loss(batch)
+
+    def finish(self) -> None:
+        """After the last micro-batch's backward: the exact path averages now."""
+        if self.mode == "exact":
+            average_gradients(self.parameters)
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """Buffers are not broadcast before each forward (the spelling changed in torch 2.13)."""
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def _unique(modules: Sequence[nn.Module]) -> list[nn.Module]:
+    return list({id(m): m for m in modules}.values())
+
+
+def _check_same_parameters(found: Sequence[Tensor], trained: Sequence[Tensor]) -> None:
+    if {id(p) for p in found} != {id(p) for p in trained}:
+        raise RuntimeError(
+            f"data_parallel = 'ddp': the trained modules hold {len(found)} trainable "
+            f"parameters, the optimizer {len(trained)}"
+        )

@@ -18,8 +18,10 @@ multiple of N: on resume the index is rebuilt from the restored weights, which e
 uninterrupted run's index only if it was refreshed at that step.)
 
 Under ``torchrun`` the trainer is data-parallel: each rank trains on its share of every
-global batch, gradients and logged numbers are averaged over the ranks, and only rank 0
-writes files and evaluates; its checkpoints hold every rank's RNG and estimator state.
+global batch, gradients (exactly per parameter, or by DistributedDataParallel: see
+``train.data_parallel`` and `distributed.GradientSync`) and logged numbers are averaged over
+the ranks, and only rank 0 writes files and evaluates; its checkpoints hold every rank's
+RNG and estimator state.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         self._check_batch_divides()
-        self.device = resolve_device(self.settings.device, config.source)
+        local_rank = distributed.local_rank() if self.world > 1 else None
+        self.device = resolve_device(self.settings.device, config.source, local_rank)
         self.precision = Precision(self.settings.precision, self.device, config.source)
         place(pipeline, self.device)  # before the optimizer, which holds the parameters
 
@@ -116,7 +119,9 @@ class Trainer:
             self.estimator,
             config,
             keep_last or self.settings.keep_last,
+            scaler=self.precision.scaler,
         )
+        self.sync = self._gradient_sync()
         self.state = TrainState(DataOrder(len(self.train_examples), self.settings.seed))
         self.final_metrics: dict[str, float] = {}
         self.index_refresh = IndexRefresh(pipeline, self.settings.refresh_index_every)
@@ -140,6 +145,23 @@ class Trainer:
                 f"{self.config.source}: estimator.k: {k} is larger than the corpus "
                 f"({size} passages)"
             )
+
+    def _gradient_sync(self) -> distributed.GradientSync:
+        """How the ranks average gradients (`train.data_parallel`); nothing alone."""
+        mode = distributed.choose_mode(self.settings.data_parallel, self.device, self.world)
+        roles = self.pipeline.roles()
+        modules = [
+            module
+            for role in self.parameters.trained
+            for module in roles[role].trainable_modules().values()
+        ]
+        pipeline, estimator = self.pipeline, self.estimator
+        return distributed.GradientSync(
+            mode,
+            modules,
+            self.parameters.trained_parameters(),
+            lambda batch: estimator.loss(batch, pipeline),
+        )
 
     def _check_batch_divides(self) -> None:
         if self.settings.batch_size % self.world:
@@ -180,7 +202,8 @@ class Trainer:
                     norms = gradients.grad_norms(self.parameters)
                     # 2. a non-finite loss or gradient stops the run, or skips the step
                     problem = gradients.nonfinite(record["loss"], norms, self.parameters)
-                    if problem and settings.on_nonfinite == "stop":
+                    overflow = problem and self.precision.overflowed(record["loss"])
+                    if problem and settings.on_nonfinite == "stop" and not overflow:
                         note = self.checkpointer.last_note()
                         raise TrainingError(f"step {step}: {problem}; training stopped ({note})")
                     if problem:
@@ -234,19 +257,20 @@ class Trainer:
         diagnostics: dict[str, float] = {}
         counts = {"generator_forwards": 0, "generator_backwards": 0}
         chains_before = self._example_state_before()
-        for _ in range(accum):
+        for index in range(accum):
             rows = self.state.order.take(self.settings.batch_size)  # the same on every rank
             rows = distributed.shard(rows, self.rank, self.world)
             batch = Batch([self.train_examples[i] for i in rows])
-            with self.precision.autocast():
-                out = self.estimator.loss(batch, self.pipeline)
-            if out.loss.requires_grad:
-                self.precision.backward(out.loss.float() / accum)
-            elif math.isfinite(out.loss.item()):
-                raise TrainingError(
-                    f"step {step}: the estimator's loss has no gradient "
-                    f"(roles trained: {', '.join(self.parameters.trained)})"
-                )
+            with self.sync.micro_batch(last=index == accum - 1):
+                with self.precision.autocast():
+                    out = self.sync.loss(batch)
+                if out.loss.requires_grad:
+                    self.precision.backward(out.loss.float() / accum)
+                elif math.isfinite(out.loss.item()):
+                    raise TrainingError(
+                        f"step {step}: the estimator's loss has no gradient "
+                        f"(roles trained: {', '.join(self.parameters.trained)})"
+                    )
             loss += out.loss.item() / accum
             for name, value in out.diagnostics.items():
                 key = diagnostic_key(name)
@@ -255,7 +279,7 @@ class Trainer:
             counts["generator_backwards"] += out.generator_backwards
         if self.world == 1:
             return {"loss": loss, **diagnostics, **counts}
-        distributed.average_gradients(self.parameters.trained_parameters())
+        self.sync.finish()
         if chains_before is not None:
             merged = distributed.merge_example_state(chains_before, self.estimator.extra_state())
             self.estimator.load_extra_state(merged)
