@@ -201,7 +201,7 @@ def test_ddp_trains_the_parameters_the_exact_path_trains(launched, estimator):
     exact, ddp = launched / f"{estimator}-exact", launched / f"{estimator}-ddp"
     first = safetensors.torch.load((exact / "ckpt-2" / "model.safetensors").read_bytes())
     assert max_difference(first, final_weights(exact)) > 1e-4  # the runs did train
-    assert max_difference(final_weights(exact), final_weights(ddp)) <= 1e-6
+    assert max_difference(final_weights(exact), final_weights(ddp)) <= 1e-6  # measured: 0
     for a, b in zip(metric_lines(exact)[:4], metric_lines(ddp)[:4]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
 
@@ -211,7 +211,7 @@ def test_ddp_on_two_processes_matches_one_process(launched):
     alone = CliRunner().invoke(main, ["train", str(config), "--out", str(launched / "one")])
     assert alone.exit_code == 0, alone.output
     one, two = final_weights(launched / "one"), final_weights(launched / "topk-ddp")
-    assert max_difference(one, two) < 1e-5  # as the exact path (first test above)
+    assert max_difference(one, two) <= 1e-6  # measured 2.4e-7, as the exact path
 
 
 def test_ddp_averages_gradients_as_the_exact_path_does(launched):
@@ -224,6 +224,18 @@ def test_ddp_averages_gradients_as_the_exact_path_does(launched):
         assert grads["exact"]["never"] is None
         # rank 0's contribution to `rank0`, x[:, :2] summed over 2 micro-batches, halved
         assert grads["exact"]["rank0"] == [(1.0 + 2.0) / 2, (2.0 + 2.0) / 2]
+
+
+def test_ddp_does_not_hang_on_a_rank_whose_loss_is_nan_without_a_graph(launched):
+    """The trainer skips backward for such a loss (the step is then skipped or stops): DDP
+    gives that rank a zero path to every parameter so the others' all-reduce completes. The
+    used parameters' gradients equal the exact path's; the unused one gets zeros, not None
+    (harmless: a non-finite loss never reaches the optimizer)."""
+    for rank in (0, 1):
+        grads = json.loads((launched / f"rank{rank}.json").read_text())["nan_gradients"]
+        for name in ("used.weight", "used.bias", "rank0"):
+            assert grads["ddp"][name] == grads["exact"][name], name
+        assert grads["exact"]["never"] is None and grads["ddp"]["never"] == [0.0, 0.0]
 
 
 def test_sharded_encoding_encodes_a_share_per_rank_and_gathers_all(launched):

@@ -53,12 +53,16 @@ class Toy(nn.Module):
         self.never = nn.Parameter(torch.ones(2))  # used nowhere
 
 
-def gradient_averaging(rank: int) -> dict:
-    """The gradients after two accumulated micro-batches, per mode (None: no gradient)."""
+def gradient_averaging(rank: int, nan_on_rank1: bool = False) -> dict:
+    """The gradients after two accumulated micro-batches, per mode (None: no gradient).
+    nan_on_rank1: rank 1's second loss is NaN without a graph (the trainer skips its
+    backward; DDP must still let rank 0's all-reduce finish)."""
     model = Toy()
 
     def loss(batch):
         x = torch.tensor(batch)
+        if nan_on_rank1 and rank == 1 and x[0, 0] == 3.0:
+            return EstimatorOutput(torch.tensor(float("nan")))
         value = model.used(x).pow(2).sum()
         if rank == 0:
             value = value + (model.rank0 * x[:, :2]).sum()
@@ -70,7 +74,9 @@ def gradient_averaging(rank: int) -> dict:
         sync = distributed.GradientSync(mode, [model], list(model.parameters()), loss)
         for index, last in enumerate((False, True)):
             with sync.micro_batch(last):
-                sync.loss([[1.0 + rank + index, 2.0, -1.0]]).loss.backward()
+                out = sync.loss([[1.0 + rank + index, 2.0, -1.0]])
+                if out.loss.requires_grad:  # as the trainer does
+                    out.loss.backward()
         sync.finish()
         grads[mode] = {
             name: None if p.grad is None else p.grad.flatten().tolist()
@@ -84,6 +90,7 @@ def run() -> None:
     distributed.init_from_env()
     rank = distributed.rank()
     report = {"encoding": sharded_encoding(), "gradients": gradient_averaging(rank)}
+    report["nan_gradients"] = gradient_averaging(rank, nan_on_rank1=True)
     report["trainers"] = trainers = []  # per training: the averaging its trainer set up
     setup = distributed.GradientSync.__init__
 
