@@ -19,8 +19,9 @@ PACKAGED = ("minilm", "tiny-random")
 
 class DPRConfig(StrictModel):
     model: str = Field(
-        "minilm", description="'minilm' (packaged), 'tiny-random' (tests), a model directory or a "
-        "Hugging Face id in the local cache"
+        "minilm",
+        description="'minilm' (packaged), 'tiny-random' (tests), a model directory or a "
+        "Hugging Face id in the local cache",
     )
     query_model: str | None = Field(
         None,
@@ -100,8 +101,8 @@ class DPRConfig(StrictModel):
     def _known_model(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        check_model_setting(value, PACKAGED)
-        _layout(value)  # a folder this package cannot read fails here, not at build
+        if check_model_setting(value, PACKAGED) not in PACKAGED:
+            _layout(value)  # a folder this package cannot read fails here, not at build
         return value
 
     @model_validator(mode="after")
@@ -116,10 +117,11 @@ class DPRConfig(StrictModel):
         for side in ("query", "passage"):
             if getattr(self, f"{side}_prefix") and getattr(self, f"{side}_prompt_name"):
                 raise ValueError(f"give either {side}_prefix or {side}_prompt_name, not both")
-        try:
-            self.prefixes()  # the prompt names exist in the models
-        except ConfigError as error:
-            raise ValueError(str(error)) from None
+        if self.query_prompt_name or self.passage_prompt_name:
+            try:
+                self.prefixes()  # the names exist among the models' prompts
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
         return self
 
     def prefixes(self) -> tuple[str, str]:
