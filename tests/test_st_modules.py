@@ -16,13 +16,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
+from transformers import BertTokenizer
 
 from latentrag.cli import main
 from latentrag.core.errors import ConfigError
 from latentrag.core.types import Corpus, Passage
 from latentrag.plugins.dpr import DPRConfig
 from latentrag.plugins.dpr.retriever import DPRRetriever
-from latentrag.plugins.encoders import load_sentence_encoder, tiny_random_bert
+from latentrag.plugins.encoders import load_sentence_encoder, tiny_random_bert, tiny_vocab
 from latentrag.plugins.st_layout import read_layout
 
 st = pytest.importorskip("sentence_transformers")
@@ -268,3 +269,23 @@ def test_what_cannot_be_loaded_fails_in_one_line(tmp_path, bert_dir, edit, messa
     assert (
         result.output.startswith(f"error: {path}: retriever.model: ") and message in result.output
     )
+
+
+def test_do_lower_case_lowercases_before_tokenizing(tmp_path, bert_dir):
+    cased = tmp_path / "cased"
+    model, _ = tiny_random_bert(seed=7)
+    model.save_pretrained(cased)
+    BertTokenizer(vocab=tiny_vocab(), do_lower_case=False).save_pretrained(cased)
+    folder = tmp_path / "model"
+    save_st(folder, cased, "mean")
+    (folder / "sentence_bert_config.json").write_text(
+        '{"max_seq_length": 32, "do_lower_case": true}'  # sentence-transformers < 5
+    )
+    encoder = load_sentence_encoder(str(folder))
+    texts = ["PARIS is the Capital", "The NILE"]
+    assert encoder.settings()["lowercase"] is True
+    assert max_diff(encoder.encode(texts), encoder.encode([t.lower() for t in texts])) < ATOL
+    expected = st.SentenceTransformer(str(folder), device="cpu").encode(texts)
+    assert max_diff(encoder.encode(texts), expected) < ATOL
+    unlowered = load_sentence_encoder(str(cased))
+    assert max_diff(unlowered.encode(texts), unlowered.encode([t.lower() for t in texts])) > 1e-3

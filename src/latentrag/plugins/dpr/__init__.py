@@ -127,8 +127,8 @@ class DPRConfig(StrictModel):
     def prefixes(self) -> tuple[str, str]:
         """The texts put before queries and passages: an explicit prefix, else the named
         prompt, else the model's default prompt (config_sentence_transformers.json)."""
-        query = _layout(self.query_model or self.model)
-        passage = _layout(self.passage_model or self.model)
+        query = read_layout(self.query_model or self.model)
+        passage = read_layout(self.passage_model or self.model)
         return (
             query.prefix(self.query_prefix, self.query_prompt_name),
             passage.prefix(self.passage_prefix, self.passage_prompt_name),
