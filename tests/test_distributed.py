@@ -244,3 +244,18 @@ def test_sharded_encoding_encodes_a_share_per_rank_and_gathers_all(launched):
     assert [report["7"]["encoded"] for report in reports] == [4, 3]
     assert [report["1"]["encoded"] for report in reports] == [1, 1]  # fewer texts than ranks
     assert all(entry["equal"] for report in reports for entry in report.values())
+
+
+def test_a_dense_index_refresh_encodes_half_the_corpus_per_rank(launched):
+    from latentrag.plugins.dpr import DPRConfig
+    from latentrag.plugins.dpr.retriever import DPRRetriever
+    from latentrag.toy.corpus import toy_corpus
+
+    reports = [json.loads((launched / f"rank{r}.json").read_text()) for r in (0, 1)]
+    refreshes = [report["dense_refresh"] for report in reports]
+    assert [refresh["encoded"] for refresh in refreshes] == [6, 6]  # 12 toy passages
+    alone = DPRRetriever(DPRConfig(model="tiny-random", precision="float32"))
+    alone.index(toy_corpus())
+    alone.refresh()
+    for refresh in refreshes:  # every rank holds the whole corpus, as one process encodes it
+        assert torch.allclose(torch.tensor(refresh["vectors"]), alone._vectors, atol=1e-6)

@@ -85,12 +85,31 @@ def gradient_averaging(rank: int, nan_on_rank1: bool = False) -> dict:
     return grads
 
 
+def dense_refresh() -> dict:
+    """A tiny dpr retriever's refresh on the toy corpus: the passages this rank encoded
+    and the refreshed vectors (every rank must hold all of them)."""
+    from latentrag.plugins.dpr import DPRConfig
+    from latentrag.plugins.dpr.retriever import DPRRetriever
+    from latentrag.toy.corpus import toy_corpus
+
+    retriever = DPRRetriever(DPRConfig(model="tiny-random", precision="float32"))
+    retriever.index(toy_corpus())  # the build: every rank encodes the whole corpus
+    encoded: list[int] = []
+    encode = retriever.passage_encoder.encode
+    retriever.passage_encoder.encode = lambda texts, *a: (
+        encoded.append(len(texts)) or encode(texts, *a)
+    )
+    retriever.refresh()
+    return {"encoded": sum(encoded), "vectors": retriever._vectors.tolist()}
+
+
 def run() -> None:
     out, configs = Path(sys.argv[1]), sys.argv[2:]
     distributed.init_from_env()
     rank = distributed.rank()
     report = {"encoding": sharded_encoding(), "gradients": gradient_averaging(rank)}
     report["nan_gradients"] = gradient_averaging(rank, nan_on_rank1=True)
+    report["dense_refresh"] = dense_refresh()
     report["trainers"] = trainers = []  # per training: the averaging its trainer set up
     setup = distributed.GradientSync.__init__
 

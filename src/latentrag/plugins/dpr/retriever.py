@@ -44,6 +44,7 @@ from latentrag.plugins.dpr.faiss_index import (
     open_store,
     search,
 )
+from latentrag.plugins.dpr.sharded_encoding import encode_sharded
 from latentrag.plugins.encoders import SentenceEncoder, load_sentence_encoder, state_fingerprint
 from latentrag.plugins.st_layout import read_layout
 
@@ -171,11 +172,15 @@ class DPRRetriever(Retriever, nn.Module):
 
     def refresh(self) -> None:
         """Re-encode the corpus with the current passage encoder and rebuild the index in a
-        temporary folder (the saved index keeps describing the configured weights)."""
-        self._require_corpus()
-        self._encode_store(None)
+        temporary folder (the saved index keeps describing the configured weights).
 
-    def _encode_store(self, directory: Path | None) -> None:
+        Under torchrun every rank refreshes at the same step (the trainer calls this on
+        all of them), so the encoding is shared: each rank encodes 1/N of every chunk and
+        the parts are gathered (`encode_sharded`)."""
+        self._require_corpus()
+        self._encode_store(None, shared_among_ranks=True)
+
+    def _encode_store(self, directory: Path | None, shared_among_ranks: bool = False) -> None:
         fingerprint = state_fingerprint(self.passage_encoder)
         scratch = None
         if directory is None:
@@ -183,8 +188,13 @@ class DPRRetriever(Retriever, nn.Module):
             directory = scratch.path
         encoder, texts, size = self.passage_encoder, self._texts, self.config.batch_size
 
+        def encode_texts(part: Sequence[str]) -> Tensor:
+            return encoder.encode(part, size)
+
         def encode(start: int, end: int) -> np.ndarray:
-            return encoder.encode(texts[start:end], size).numpy()
+            if shared_among_ranks:
+                return encode_sharded(encode_texts, texts[start:end]).numpy()
+            return encode_texts(texts[start:end]).numpy()
 
         self._store = None  # let a previous scratch folder go before the new one fills
         self._store = build_store(
