@@ -10,8 +10,9 @@ Models: the packaged MiniLM as the `dpr` retriever (and posterior, for vrag / js
 generator, on the toy corpus (12 passages, so indexing is instant), batches of 2, k = 4.
 `train.device` and `train.precision` set the run (weights stay float32; bf16 is autocast).
 --gradient-checkpointing sets the generator's `gradient_checkpointing` (activations
-recomputed in backward: less memory, more time) in every run whose generator trains (not
-G-Rerank's, which is frozen); the CPU reference runs get it too, so the rows compare.
+recomputed in backward: less memory, more time) in every run, G-Rerank's frozen reader
+included (its mask's gradient passes through it); the CPU reference runs get it too, so
+the rows compare.
 
 Each run is its own process, so that its peak memory is its own: on cuda the peak allocated
 GPU memory (torch.cuda.max_memory_allocated), on the CPU the peak resident set size
@@ -69,7 +70,7 @@ def run_config(
         data["estimator"] = {"name": "gumbel", "k": 4, "k_keep": 2}
         data["generator"]["freeze"] = True
         del data["generator"]["lora"]
-    elif checkpointing:  # a frozen generator refuses it: nothing is checkpointed in eval mode
+    if checkpointing:
         data["generator"]["gradient_checkpointing"] = True
     return data
 
@@ -146,7 +147,7 @@ def main() -> None:
     parser.add_argument(
         "--gradient-checkpointing",
         action="store_true",
-        help="generator.gradient_checkpointing = true (where the generator trains)",
+        help="generator.gradient_checkpointing = true",
     )
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """generator.gradient_checkpointing: the same losses and gradients as storing the
 activations (per-passage and joint reading, tiny Llama with and without LoRA, tiny T5),
-layers really recomputed in backward, the passage cache unaffected, a frozen generator
-refused in one line, and a TOML config training with it on."""
+layers really recomputed in backward (also in a frozen reader, for G-Rerank's mask), the
+passage cache's cached forwards left alone, and a TOML config training with it on."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from latentrag.core.config import load_config, resolve
-from latentrag.core.errors import ConfigError
+from latentrag.core.config import load_config
 from latentrag.core.pipeline import Pipeline
 from latentrag.plugins.hf_generator import HFGeneratorConfig
 from latentrag.plugins.hf_generator.generator import HFCausalLMGenerator
@@ -28,18 +27,16 @@ from latentrag.training.loop import Trainer
 TOL = 1e-5
 
 
-def build(kind: str, checkpointing: bool):
-    """A generator in training mode (checkpointing applies only while training)."""
+def build(kind: str, checkpointing: bool, frozen: bool = False, **options):
+    """A generator in training mode, or frozen (eval mode, no parameter trained)."""
+    options = {"gradient_checkpointing": checkpointing, "freeze": frozen, **options}
     if kind == "t5":
-        config = HFSeq2SeqConfig(model="tiny-t5", gradient_checkpointing=checkpointing)
-        generator = HFSeq2SeqGenerator(config)
+        generator = HFSeq2SeqGenerator(HFSeq2SeqConfig(model="tiny-t5", **options))
     else:
         lora = {"r": 4, "target_modules": ["q_proj", "v_proj"]} if kind == "llama-lora" else None
-        config = HFGeneratorConfig(
-            model="tiny-llama", lora=lora, gradient_checkpointing=checkpointing
-        )
+        config = HFGeneratorConfig(model="tiny-llama", lora=lora, **options)
         generator = HFCausalLMGenerator(config)
-    generator.model.train()
+    generator.model.train(not frozen)
     return generator
 
 
@@ -116,39 +113,41 @@ def test_the_model_reports_checkpointing(kind):
         assert generator.gradient_checkpointing is checkpointing
 
 
-def test_an_untrained_checkpointed_generator_still_uses_the_passage_cache(one_thread):
-    """An estimator that does not train the generator leaves it in eval mode without
-    gradients: the passage cache runs and checkpointing changes nothing."""
-    generator = build("llama", True)
-    generator.model.eval()
-    generator.model.requires_grad_(False)
-    assert generator.cache_active
-    queries, passages, targets = batch()
-    log_mask = torch.tensor([[0.0, -1.0, -3.0]] * 3, requires_grad=True)
-    cached = generator.loglik_joint(queries, passages, targets, log_mask)
-    assert len(generator.passage_cache) == 9
-    reference = build("llama", False)
-    reference.model.eval()
-    uncached = reference.loglik_joint(queries, passages, targets, log_mask)
-    torch.testing.assert_close(cached, uncached, rtol=TOL, atol=TOL)
-    per_passage = generator.loglik(queries, passages, targets)
-    torch.testing.assert_close(per_passage, reference.loglik(queries, passages, targets))
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_a_frozen_reader_is_checkpointed_for_the_mask_gradient(kind, one_thread):
+    """G-Rerank with a frozen reader: eval mode (no dropout), only the document mask gets a
+    gradient; the reader's layers are recomputed for it all the same."""
+    options = {"passage_cache_mb": 0} if kind == "llama" else {}
+    plain = build(kind, False, frozen=True, **options)
+    checkpointed = build(kind, True, frozen=True, **options)
+    calls, calls_ckpt = count_calls(plain), count_calls(checkpointed)
+    loss, grads = losses_and_gradients(plain, joint=True)
+    loss_ckpt, grads_ckpt = losses_and_gradients(checkpointed, joint=True)
+    assert list(grads) == ["doc_log_mask"] and not checkpointed.model.training
+    assert abs(loss - loss_ckpt) <= TOL * max(1.0, abs(loss))
+    assert grads["doc_log_mask"].abs().sum() > 0
+    torch.testing.assert_close(
+        grads_ckpt["doc_log_mask"], grads["doc_log_mask"], rtol=TOL, atol=TOL
+    )
+    assert calls_ckpt[0] == 2 * calls[0] > 0
+    with torch.no_grad():  # nothing to recompute without gradients
+        checkpointed.loglik_joint(*batch(), torch.zeros(3, 3))
+    assert calls_ckpt[0] == 2 * calls[0] + 1
 
 
-@pytest.mark.parametrize("name", ["hf-causal-lm", "hf-seq2seq"])
-def test_a_frozen_checkpointed_generator_is_one_line(name):
-    model = "tiny-t5" if name == "hf-seq2seq" else "tiny-llama"
-    data = {
-        "data": {"source": "toy"},
-        "retriever": {"name": "bow"},
-        "generator": {"name": name, "model": model, "freeze": True, "gradient_checkpointing": True},
-        "estimator": {"name": "topk", "k": 3},
-    }
-    with pytest.raises(ConfigError) as error:
-        resolve(data, source="run.toml")
-    message = str(error.value)
-    assert "\n" not in message and message.startswith("run.toml: generator")
-    assert "gradient_checkpointing = true with freeze = true" in message
+def test_the_passage_cache_reads_without_checkpointing_and_scores_the_same(one_thread):
+    """A frozen causal reader with its passage cache: the question-and-answer tail runs over
+    cached keys/values, which a recomputation would extend twice, so it is not checkpointed."""
+    checkpointed = build("llama", True, frozen=True)
+    assert checkpointed.cache_active
+    calls = count_calls(checkpointed)
+    loss, grads = losses_and_gradients(checkpointed, joint=True)
+    assert len(checkpointed.passage_cache) == 9
+    assert calls[0] == 2  # the passages' states once, the tail once: no recomputation
+    reference = build("llama", False, frozen=True, passage_cache_mb=0)
+    loss_ref, grads_ref = losses_and_gradients(reference, joint=True)
+    assert abs(loss - loss_ref) <= TOL * max(1.0, abs(loss))
+    torch.testing.assert_close(grads["doc_log_mask"], grads_ref["doc_log_mask"], rtol=TOL, atol=TOL)
 
 
 TOML = """\

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
+from types import MethodType
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from latentrag.core.errors import ConfigError
 from latentrag.core.interfaces import Generator, Reduce
+
+#: keyword arguments through which a layer reads or extends a key/value cache
+_CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -20,13 +26,30 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     Non-reentrant checkpointing: gradients reach every input of a layer, including the
     float attention masks that carry G-Rerank's document mask and the hidden states of
     frozen embeddings under LoRA, with no need for `enable_input_require_grads`.
-    transformers applies it only in training mode with gradients on, so evaluation,
-    generation and the (eval-mode) passage cache run as before."""
+    transformers checkpoints only in training mode; a frozen (eval-mode) reader whose
+    document mask is trained is checkpointed too (`_checkpointed_in_eval`). Forwards
+    without gradients (generation, evaluation) or over a key/value cache (the passage
+    cache's question-and-answer tail) are never checkpointed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     settings = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.forward = MethodType(_checkpointed_in_eval, module)
+
+
+def _checkpointed_in_eval(layer: nn.Module, *args, **kwargs):
+    """A layer's forward, checkpointed also in eval mode (dropout off) while gradients are
+    recorded; training mode is left to transformers' own checkpointing."""
+    forward = partial(type(layer).forward, layer)
+    caching = kwargs.get("use_cache") or any(kwargs.get(k) is not None for k in _CACHE_KEYWORDS)
+    if layer.training or caching or not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(partial(forward, **kwargs), *args, use_reentrant=False)
 
 
 def is_checkpointing(model: nn.Module) -> bool:

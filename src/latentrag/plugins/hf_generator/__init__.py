@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from latentrag import hookimpl
 from latentrag.core.config import StrictModel
@@ -49,7 +49,8 @@ class HFGeneratorConfig(StrictModel):
     gradient_checkpointing: bool = Field(
         False,
         description="recompute the transformer's activations in backward instead of storing "
-        "them while the generator trains (less memory, about one more forward per step)",
+        "them (less memory, about one more forward per step) whenever gradients pass through "
+        "the generator: training it, or G-Rerank's mask through a frozen reader",
     )
     seed: int = 0
     passage_cache_mb: float = Field(
@@ -73,16 +74,6 @@ class HFGeneratorConfig(StrictModel):
     @classmethod
     def _template_fields(cls, value: str) -> str:
         return check_prompt_template(value)
-
-    @model_validator(mode="after")
-    def _checkpointing_trains(self) -> HFGeneratorConfig:
-        # a frozen model runs in eval mode, where transformers never checkpoints
-        if self.gradient_checkpointing and self.freeze:
-            raise ValueError(
-                "gradient_checkpointing = true with freeze = true: a frozen generator runs "
-                "in eval mode, where nothing is checkpointed; drop one of them"
-            )
-        return self
 
 
 @hookimpl

@@ -4,7 +4,7 @@ loading it."""
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from latentrag import hookimpl
 from latentrag.core.config import StrictModel
@@ -31,7 +31,8 @@ class HFSeq2SeqConfig(StrictModel):
     gradient_checkpointing: bool = Field(
         False,
         description="recompute the transformer's activations in backward instead of storing "
-        "them while the generator trains (less memory, about one more forward per step)",
+        "them (less memory, about one more forward per step) whenever gradients pass through "
+        "the generator: training it, or G-Rerank's mask through a frozen reader",
     )
     seed: int = 0
 
@@ -44,16 +45,6 @@ class HFSeq2SeqConfig(StrictModel):
     @classmethod
     def _template_fields(cls, value: str) -> str:
         return check_prompt_template(value)
-
-    @model_validator(mode="after")
-    def _checkpointing_trains(self) -> HFSeq2SeqConfig:
-        # a frozen model runs in eval mode, where transformers never checkpoints
-        if self.gradient_checkpointing and self.freeze:
-            raise ValueError(
-                "gradient_checkpointing = true with freeze = true: a frozen generator runs "
-                "in eval mode, where nothing is checkpointed; drop one of them"
-            )
-        return self
 
 
 @hookimpl
