@@ -1,8 +1,10 @@
 """Take a trained pipeline out of latentrag (`latentrag export RUN --to KIND OUT`).
 
 - ``sentence-transformers``: the retriever's trained query encoder as a sentence-transformers
-  model directory (transformer weights and tokenizer, pooling, normalisation, max length):
-  ``SentenceTransformer(OUT).encode(texts)`` gives the retriever's query vectors;
+  model directory (transformer weights and tokenizer, pooling, Dense layers, normalisation,
+  max length, the query / passage prefixes as prompts):
+  ``SentenceTransformer(OUT).encode(texts, prompt_name="query")`` gives the retriever's
+  query vectors (``prompt_name`` only matters when the retriever has a query prefix);
 - ``peft``: the generator's trained LoRA adapter (and its tokenizer):
   ``PeftModel.from_pretrained(base_model, OUT)``;
 - ``faiss``: the retriever's index of the trained passage vectors, ``index.faiss``, with
@@ -93,46 +95,133 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def export_sentence_transformers(pipeline: Pipeline, out: Path, role: str = "retriever") -> Path:
-    """The `role`'s query encoder as a sentence-transformers model in `out`."""
-    encoder = getattr(_retriever(pipeline, role), "query_encoder", None)
+    """The `role`'s query encoder as a sentence-transformers model in `out`: every module it
+    computes with (transformer, pooling, Dense layers, Normalize), its max length and
+    lowercasing, and the retriever's query / passage prefixes as the prompts "query" and
+    "passage" (``encode(texts, prompt_name="query")`` gives the retriever's query vectors)."""
+    retriever = _retriever(pipeline, role)
+    encoder = getattr(retriever, "query_encoder", None)
     needed = ("transformer", "tokenizer", "pooling", "normalize", "max_length")
     if encoder is None or not all(hasattr(encoder, name) for name in needed):
         raise ExportError(
             f"the {_component_name(pipeline, role)} has no transformer query encoder to "
             "export as a sentence-transformers model (a dense retriever such as dpr has)"
         )
+    body, pooling, head = _sentence_transformers_parts(encoder)
+    prompts = {
+        name: text
+        for name, text in (
+            ("query", getattr(retriever, "query_prefix", "")),
+            ("passage", getattr(retriever, "passage_prefix", "")),
+        )
+        if text
+    }
     with _staged(out) as tmp:
-        encoder.transformer.save_pretrained(tmp)
+        body.save_pretrained(tmp)
+        if encoder.pooling == "pooler":
+            _as_bert_config(tmp / "config.json")
         encoder.tokenizer.save_pretrained(tmp)
-        _write_sentence_transformers_config(tmp, encoder)
+        modules = [_st_module(0, "", "Transformer")]
+        _write_pooling(tmp, modules, body.config.hidden_size, pooling)
+        for module in [*head, *(["normalize"] if encoder.normalize else [])]:
+            _write_head_module(tmp, modules, module)
+        _write_json(tmp / "modules.json", modules)
+        settings = {
+            "max_seq_length": encoder.max_length,
+            "do_lower_case": bool(getattr(encoder, "lowercase", False)),
+        }
+        _write_json(tmp / "sentence_bert_config.json", settings)
+        # the retriever scores by dot product (cosine when the vectors are normalised)
+        _write_json(
+            tmp / "config_sentence_transformers.json",
+            {"similarity_fn_name": "dot", "prompts": prompts, "default_prompt_name": None},
+        )
     return out
 
 
-def _write_sentence_transformers_config(folder: Path, encoder: Any) -> None:
-    modules = [{"idx": 0, "name": "0", "path": "", "type": f"{ST_MODULE}.Transformer"}]
-    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": f"{ST_MODULE}.Pooling"})
-    if encoder.normalize:
-        modules.append(
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": f"{ST_MODULE}.Normalize"}
-        )
-        (folder / "2_Normalize").mkdir()
-    _write_json(folder / "modules.json", modules)
-    settings = {"max_seq_length": encoder.max_length, "do_lower_case": False}
-    _write_json(folder / "sentence_bert_config.json", settings)
-    (folder / "1_Pooling").mkdir()
-    pooling = {
-        "word_embedding_dimension": encoder.transformer.config.hidden_size,
-        "pooling_mode_cls_token": encoder.pooling == "cls",
-        "pooling_mode_mean_tokens": encoder.pooling == "mean",
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": False,
-        "include_prompt": True,
+def _sentence_transformers_parts(encoder: Any) -> tuple[Any, list[str], list[Any]]:
+    """The transformer body, pooling modes and modules after pooling that compute what
+    `encoder` computes. A DPR encoder's pooler output is the [CLS] state of its BERT,
+    through a linear projection when it has one."""
+    head = list(getattr(encoder, "head", ()))
+    if encoder.pooling != "pooler":
+        return encoder.transformer, encoder.pooling.split("+"), head
+    dpr = encoder.transformer.base_model  # DPREncoder: bert_model (+ encode_proj)
+    projection = getattr(dpr, "encode_proj", None)
+    if projection is not None:
+        head.insert(0, _IdentityDense(projection))
+    return dpr.bert_model, ["cls"], head
+
+
+def _as_bert_config(path: Path) -> None:
+    """A DPR encoder's BERT carries the DPR config; as a BERT, AutoModel loads it as one."""
+    config = json.loads(path.read_text("utf-8"))
+    config.pop("projection_dim", None)
+    config.update(model_type="bert", architectures=["BertModel"])
+    _write_json(path, config)
+
+
+class _IdentityDense:
+    """A linear projection written as a Dense module without activation."""
+
+    def __init__(self, linear: Any) -> None:
+        self.linear = linear
+        self.activation_path = "torch.nn.modules.linear.Identity"
+        self.use_residual = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f"linear.{k}": v for k, v in self.linear.state_dict().items()}
+
+
+def _st_module(index: int, path: str, kind: str) -> dict[str, Any]:
+    return {"idx": index, "name": str(index), "path": path, "type": f"{ST_MODULE}.{kind}"}
+
+
+def _write_pooling(folder: Path, modules: list[dict], width: int, pooling: list[str]) -> None:
+    path = f"{len(modules)}_Pooling"
+    modules.append(_st_module(len(modules), path, "Pooling"))
+    (folder / path).mkdir()
+    flags = {
+        "pooling_mode_cls_token": "cls",
+        "pooling_mode_mean_tokens": "mean",
+        "pooling_mode_max_tokens": "max",
+        "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+        "pooling_mode_weightedmean_tokens": "weightedmean",
+        "pooling_mode_lasttoken": "lasttoken",
     }
-    _write_json(folder / "1_Pooling" / "config.json", pooling)
-    # the retriever scores by dot product (cosine when the vectors are normalised)
-    _write_json(folder / "config_sentence_transformers.json", {"similarity_fn_name": "dot"})
+    config = {"word_embedding_dimension": width}
+    config.update({flag: mode in pooling for flag, mode in flags.items()})
+    _write_json(folder / path / "config.json", {**config, "include_prompt": True})
+
+
+def _write_head_module(folder: Path, modules: list[dict], module: Any) -> None:
+    """A Dense layer (its config and weights) or a Normalize step."""
+    if not hasattr(module, "linear"):  # Normalize: no settings, no weights
+        path = f"{len(modules)}_Normalize"
+        modules.append(_st_module(len(modules), path, "Normalize"))
+        (folder / path).mkdir()
+        return
+    from safetensors.torch import save_file
+
+    path = f"{len(modules)}_Dense"
+    modules.append(_st_module(len(modules), path, "Dense"))
+    (folder / path).mkdir()
+    activation = getattr(module, "activation_path", None) or _class_path(module.activation)
+    config = {
+        "in_features": module.linear.in_features,
+        "out_features": module.linear.out_features,
+        "bias": module.linear.bias is not None,
+        "activation_function": activation,
+    }
+    if module.use_residual:  # a key older sentence-transformers do not know: only when used
+        config["use_residual"] = True
+    _write_json(folder / path / "config.json", config)
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(weights, str(folder / path / "model.safetensors"))
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def export_peft(pipeline: Pipeline, out: Path) -> Path:
