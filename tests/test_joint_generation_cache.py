@@ -1,6 +1,7 @@
-"""Decoder-only joint generation (G-Rerank inference) with a key/value cache: the same greedy
+"""G-Rerank inference with a key/value cache. Decoder-only joint generation: the same greedy
 tokens as recomputing the whole joint layout for every new token (computed here by hand,
-one example at a time), with the model run on one new token per step."""
+one example at a time), with the model run on one new token per step. Fusion-in-Decoder:
+every step's logits equal the uncached decoder's over the same tokens."""
 
 from __future__ import annotations
 
@@ -14,14 +15,19 @@ import torch
 from latentrag.plugins.hf_generator import HFGeneratorConfig
 from latentrag.plugins.hf_generator.generator import HFCausalLMGenerator
 from latentrag.plugins.joint_attention import (
+    FID_TEMPLATE,
     LOG_ZERO,
     JointLayout,
     JointPrompt,
     example_pieces,
+    fid_cross_attention_mask,
+    fid_encode,
+    fid_generate,
     joint_forward,
     joint_generate_ids,
 )
 from latentrag.testing import toy_corpus, toy_examples
+from latentrag.toy.tiny_models import tiny_t5, tiny_tokenizer
 
 MASKS = {
     "all": [[0.0, 0.0, 0.0]] * 3,
@@ -171,3 +177,47 @@ def test_generate_joint_uses_the_cache_and_restores_the_mode(generator, one_thre
         generator.model.eval()
     assert training and len(texts) == 3
     assert lengths[1:] == [1] * (len(lengths) - 1)
+
+
+# -- Fusion-in-Decoder (encoder-decoder) generation ------------------------------------------
+
+
+@pytest.mark.parametrize("mask", sorted(MASKS))
+def test_fid_cached_decoding_equals_the_full_decoder_at_every_step(mask, one_thread):
+    """Each step's logits (the whole distribution, not only its argmax) equal those of one
+    uncached decoder pass over all the tokens fed so far; each step feeds one token."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_t5(tokenizer, seed=2)
+    queries, passages = batch()
+    log_mask = torch.tensor(MASKS[mask])
+    fed, logits = [], []
+
+    def before(module, args, kwargs):
+        fed.append(kwargs["decoder_input_ids"])
+
+    def after(module, args, kwargs, output):
+        logits.append(output.logits[:, -1])
+
+    handles = [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    ]
+    try:
+        answers = fid_generate(model, tokenizer, queries, passages, log_mask, 8, FID_TEMPLATE)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(fed) == 8 and all(step.shape == (3, 1) for step in fed)
+    assert len(answers) == 3
+    fused, encoder_mask = fid_encode(model, tokenizer, queries, passages, FID_TEMPLATE)
+    decoder_ids = torch.cat(fed, dim=1)  # [start, t1, ..., t7]
+    cross = fid_cross_attention_mask(encoder_mask, log_mask, 8, fused.dtype)
+    with torch.no_grad():
+        full = model(
+            encoder_outputs=(fused,),
+            attention_mask=cross,
+            decoder_input_ids=decoder_ids,
+            use_cache=False,
+        ).logits
+    torch.testing.assert_close(torch.stack(logits, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(full[:, :-1].argmax(-1), decoder_ids[:, 1:])  # greedy, fed back

@@ -595,24 +595,33 @@ def fid_generate(
 ) -> list[str]:
     """Greedy Fusion-in-Decoder answers: the decoder reads all K encodings with log m_k
     added towards passage k (the hard top-k mask at inference: 0 or LOG_ZERO), as
-    `fid_loglik` scores them. Stops at EOS; special tokens stripped."""
+    `fid_loglik` scores them. The passages are encoded once and the decoder keeps its
+    key/value cache: each step runs the new token alone. Stops at EOS; special tokens
+    stripped."""
     fused, mask = fid_encode(model, tokenizer, queries, passages, template, max_passage_tokens)
-    start = model.config.decoder_start_token_id
+    cross = fid_cross_attention_mask(mask, doc_log_mask, 1, fused.dtype)  # one row per step
     eos = tokenizer.eos_token_id
     batch = len(queries)
-    out = torch.full((batch, 1), start, dtype=torch.long, device=fused.device)
+    step = torch.full((batch,), model.config.decoder_start_token_id, device=fused.device)
+    out: list[Tensor] = []
     done = torch.zeros(batch, dtype=torch.bool, device=fused.device)
+    cache: dict[str, object] = {}
     for _ in range(max_new_tokens):
-        cross = fid_cross_attention_mask(mask, doc_log_mask, out.shape[1], fused.dtype)
-        logits = model(
-            encoder_outputs=(fused,), attention_mask=cross, decoder_input_ids=out, use_cache=False
-        ).logits[:, -1]
-        step = logits.argmax(-1).masked_fill(done, eos)
-        out = torch.cat([out, step[:, None]], dim=1)
+        output = model(
+            encoder_outputs=(fused,),
+            attention_mask=cross,
+            decoder_input_ids=step[:, None],
+            use_cache=True,
+            **cache,
+        )
+        cache = {_cache_keyword(model): _output_cache(output)}
+        step = output.logits[:, -1].argmax(-1).masked_fill(done, eos)
+        out.append(step)
         done |= step == eos
         if bool(done.all()):
             break
-    return [text.strip() for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)]
+    texts = tokenizer.batch_decode(torch.stack(out, dim=1), skip_special_tokens=True)
+    return [text.strip() for text in texts]
 
 
 def _answer_row(layout: JointLayout, doc_log_mask: Tensor | None, dtype: torch.dtype) -> Tensor:

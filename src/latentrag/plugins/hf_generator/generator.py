@@ -22,6 +22,12 @@ cache (`passage_cache.PassageCache`), for per-passage scoring and for the joint 
 alike; only the question and answer tokens run. The cache empties itself when the weights
 change. Gradient still reaches a joint reading's document mask (the cached states are
 constants).
+
+G-Rerank inference (`generate_joint`) reads the K passages in parallel under the hard
+top-k mask as `loglik_joint` does, with a key/value cache: passages and question are read
+once, then each new token runs alone. `gradient_checkpointing` recomputes the layers in
+backward whenever gradients pass through the model (forwards over the passage cache's
+key/value states excepted).
 """
 
 from __future__ import annotations

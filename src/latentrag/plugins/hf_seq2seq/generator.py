@@ -5,7 +5,9 @@ with the question and one passage, the decoder scores the answer's tokens + EOS;
 passage of a query scores the same target tokens, so RAG-Token can marginalise per token.
 Jointly (G-Rerank): Fusion-in-Decoder, `joint_attention.fid_loglik`, the decoder reading
 all K encodings with log m_k added towards passage k. Generation is FiD greedy decoding
-over the given passages (one passage: the plain encoder-decoder answer).
+over the given passages (one passage: the plain encoder-decoder answer), the passages
+encoded once and the decoder stepping one token at a time over its key/value cache.
+`gradient_checkpointing` recomputes the encoder's and decoder's layers in backward.
 """
 
 from __future__ import annotations
