@@ -33,6 +33,7 @@ key/value states excepted).
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -106,7 +107,9 @@ def add_lora(model: nn.Module, settings: LoraSettings, seed: int) -> nn.Module:
         target_modules=settings.target_modules,
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`: not the user's doing
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
         torch.manual_seed(seed)
         return get_peft_model(model, lora)
 
