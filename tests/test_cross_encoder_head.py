@@ -45,6 +45,7 @@ def test_a_classification_head_scores_like_cross_encoder_predict(tmp_path, one_t
     reference = CrossEncoder(str(tmp_path), max_length=64, device="cpu")
     pairs = [(q, p) for q, row in zip(QUERIES, PASSAGES) for p in row]
     logits = reference.predict(pairs, activation_fn=torch.nn.Identity(), convert_to_tensor=True)
+    print(f"max |ours - CrossEncoder.predict|: {(got - logits.view(2, 3)).abs().max():.2e}")
     torch.testing.assert_close(got, logits.view(2, 3).float(), atol=1e-5, rtol=0)
     probabilities = reference.predict(pairs, convert_to_tensor=True)  # its default: sigmoid
     torch.testing.assert_close(got.sigmoid(), probabilities.view(2, 3).float(), atol=1e-5, rtol=0)
