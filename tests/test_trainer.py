@@ -238,7 +238,7 @@ def test_per_component_learning_rates(tmp_path):
     assert groups[("retriever", 0.1)]["lr"] == 0.01 and groups[("generator", 0.1)]["lr"] == 0.002
     prior_params = {id(p) for p in pipeline.retriever.parameters()}
     assert {id(p) for p in groups[("retriever", 0.1)]["params"]} == prior_params
-    with pytest.raises(ConfigError, match=r"train.lrs: Value error, unknown role 'decoder'"):
+    with pytest.raises(ConfigError, match=r"train.lrs: unknown role 'decoder'"):
         resolve({"retriever": {"name": "bm25"}, "train": {"lrs": {"decoder": 0.1}}})
     with pytest.raises(ConfigError, match="unknown role 'retreiver'; did you mean 'retriever'"):
         resolve({"retriever": {"name": "bm25"}, "train": {"lrs": {"retreiver": 0.1}}})

@@ -378,9 +378,10 @@ def _errors(source: str, prefix: str, exc: ValidationError) -> list[str]:
         elif err["type"] == "missing":
             message = "required key is missing"
         else:
-            message = err["msg"]
-            if isinstance(err.get("input"), (str, int, float, bool)):
-                message += f" (got {err['input']!r})"
+            message = err["msg"].removeprefix("Value error, ")  # our validators' own words
+            value = err.get("input")
+            if isinstance(value, (str, int, float, bool)) and repr(value) not in message:
+                message += f" (got {value!r})"
         lines.append(f"{source}: {key}: {message}")
     return lines
 
