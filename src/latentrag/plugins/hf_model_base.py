@@ -145,6 +145,38 @@ class HFGeneratorBase(Generator, nn.Module):
 
     # -- scoring ---------------------------------------------------------------------
 
+    def token_logprobs(
+        self,
+        queries: Sequence[str],
+        passages: Sequence[Sequence[str]],
+        targets: Sequence[str],
+    ) -> tuple[Tensor, Tensor]:
+        """log p(y_t | x, h, y_<t) [B,K,T] for every (query, passage) pair and the target
+        mask [B,T]; the pairs are scored by the subclass's `_pair_logprobs`."""
+        if not len(queries) == len(passages) == len(targets):
+            raise ValueError("queries, passages and targets must have the same length")
+        k = common_width(passages)
+        target_ids = self._target_ids(targets)
+        logprobs = self._pair_logprobs(
+            [q for q, row in zip(queries, passages) for _ in row],
+            [p for row in passages for p in row],
+            [target_ids[b] for b in range(len(queries)) for _ in range(k)],
+        )  # [B*K, T]
+        lengths = torch.tensor([len(t) for t in target_ids])
+        mask = torch.arange(logprobs.shape[1]) < lengths[:, None]
+        return logprobs.view(len(queries), k, -1), mask.to(logprobs.device)
+
+    def _target_ids(self, targets: Sequence[str]) -> list[list[int]]:
+        """Each target's token ids, as the model scores them."""
+        raise NotImplementedError
+
+    def _pair_logprobs(
+        self, queries: list[str], passages: list[str], target_ids: list[list[int]]
+    ) -> Tensor:
+        """log p(target token | query, passage, earlier target tokens) [n, T] for n pairs,
+        0 past each target (T: the longest target)."""
+        raise NotImplementedError
+
     def loglik(
         self,
         queries: Sequence[str],

@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from latentrag.plugins.encoders import native_bf16
 from latentrag.plugins.hf_generator import TINY_MODELS, HFGeneratorConfig, LoraSettings, smollm2
 from latentrag.plugins.hf_generator.passage_cache import PassageCache
-from latentrag.plugins.hf_model_base import HFGeneratorBase, common_width, load_error
+from latentrag.plugins.hf_model_base import HFGeneratorBase, load_error
 from latentrag.plugins.hub_models import local_model_dir
 from latentrag.plugins.joint_attention import (
     JointPrompt,
@@ -199,25 +199,6 @@ class HFCausalLMGenerator(HFGeneratorBase):
         return [row + [self.tokenizer.eos_token_id] for row in ids]
 
     # -- scoring ---------------------------------------------------------------------
-
-    def token_logprobs(
-        self,
-        queries: Sequence[str],
-        passages: Sequence[Sequence[str]],
-        targets: Sequence[str],
-    ) -> tuple[Tensor, Tensor]:
-        if not len(queries) == len(passages) == len(targets):
-            raise ValueError("queries, passages and targets must have the same length")
-        k = common_width(passages)
-        flat_queries = [q for q, row in zip(queries, passages) for _ in row]
-        flat_passages = [p for row in passages for p in row]
-        target_ids = self._target_ids(targets)
-        flat_targets = [target_ids[b] for b in range(len(queries)) for _ in range(k)]
-        logprobs = self._pair_logprobs(flat_queries, flat_passages, flat_targets)  # [B*K, T]
-        lengths = torch.tensor([len(t) for t in target_ids])
-        mask = torch.arange(logprobs.shape[1]) < lengths[:, None]
-        mask = mask.to(logprobs.device)
-        return logprobs.view(len(queries), k, -1), mask
 
     def _pair_logprobs(
         self, queries: list[str], passages: list[str], target_ids: list[list[int]]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from latentrag.plugins.hf_model_base import HFGeneratorBase, common_width, load_error
+from latentrag.plugins.hf_model_base import HFGeneratorBase, load_error
 from latentrag.plugins.hf_seq2seq import TINY_MODELS, HFSeq2SeqConfig
 from latentrag.plugins.hub_models import local_model_dir
 from latentrag.plugins.joint_attention import (
@@ -73,31 +73,17 @@ class HFSeq2SeqGenerator(HFGeneratorBase):
 
     # -- scoring ---------------------------------------------------------------------
 
-    def token_logprobs(
-        self,
-        queries: Sequence[str],
-        passages: Sequence[Sequence[str]],
-        targets: Sequence[str],
-    ) -> tuple[Tensor, Tensor]:
-        if not len(queries) == len(passages) == len(targets):
-            raise ValueError("queries, passages and targets must have the same length")
-        k = common_width(passages)
-        texts = self._encoder_texts(
-            [q for q, row in zip(queries, passages) for _ in row],
-            [p for row in passages for p in row],
-        )
-        target_ids = self._target_ids(targets)
-        flat_targets = [target_ids[b] for b in range(len(queries)) for _ in range(k)]
+    def _pair_logprobs(
+        self, queries: list[str], passages: list[str], target_ids: list[list[int]]
+    ) -> Tensor:
+        texts = self._encoder_texts(queries, passages)
         width = max(len(t) for t in target_ids)
         chunks = []
         for start in range(0, len(texts), self.config.batch_size):
             end = start + self.config.batch_size
-            chunk = self._score_chunk(texts[start:end], flat_targets[start:end])
+            chunk = self._score_chunk(texts[start:end], target_ids[start:end])
             chunks.append(nn.functional.pad(chunk, (0, width - chunk.shape[1])))
-        logprobs = torch.cat(chunks).view(len(queries), k, width)
-        lengths = torch.tensor([len(t) for t in target_ids])
-        mask = (torch.arange(width) < lengths[:, None]).to(logprobs.device)
-        return logprobs, mask
+        return torch.cat(chunks)
 
     def _score_chunk(self, texts: list[str], targets: list[list[int]]) -> Tensor:
         """log p(target token | encoder text, earlier target tokens) [n, T], 0 past each."""
