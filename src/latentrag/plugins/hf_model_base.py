@@ -143,6 +143,18 @@ class HFGeneratorBase(Generator, nn.Module):
         finally:
             self.model.train(was_training)
 
+    def _joint_batches(
+        self,
+        queries: Sequence[str],
+        passages: Sequence[Sequence[str]],
+        doc_log_mask: Tensor | None,
+    ) -> Iterator[tuple[Sequence[str], Sequence[Sequence[str]], Tensor | None]]:
+        """(queries, passages, doc_log_mask) in slices of `config.batch_size` questions."""
+        for start in range(0, len(queries), self.config.batch_size):
+            end = start + self.config.batch_size
+            mask = None if doc_log_mask is None else doc_log_mask[start:end]
+            yield queries[start:end], passages[start:end], mask
+
     # -- scoring ---------------------------------------------------------------------
 
     def token_logprobs(

@@ -370,14 +370,11 @@ class HFCausalLMGenerator(HFGeneratorBase):
         )
         answers: list[str] = []
         with self._evaluating():
-            for start in range(0, len(queries), self.config.batch_size):
-                end = start + self.config.batch_size
+            for batch in self._joint_batches(queries, passages, doc_log_mask):
                 answers += joint_generate(
                     self.model,
                     self.tokenizer,
-                    queries[start:end],
-                    passages[start:end],
-                    None if doc_log_mask is None else doc_log_mask[start:end],
+                    *batch,
                     prompt,
                     max_new_tokens or self.config.max_new_tokens,
                     self._stop_ids(),

@@ -146,14 +146,11 @@ class HFSeq2SeqGenerator(HFGeneratorBase):
         by doc_log_mask[:, k] (G-Rerank inference: the hard top-k mask)."""
         answers: list[str] = []
         with self._evaluating():
-            for start in range(0, len(queries), self.config.batch_size):
-                end = start + self.config.batch_size
+            for batch in self._joint_batches(queries, passages, doc_log_mask):
                 answers += fid_generate(
                     self.model,
                     self.tokenizer,
-                    queries[start:end],
-                    passages[start:end],
-                    None if doc_log_mask is None else doc_log_mask[start:end],
+                    *batch,
                     max_new_tokens or self.config.max_new_tokens,
                     self.config.template,
                     self.config.max_passage_tokens,
